@@ -1,0 +1,145 @@
+"""Publish events to realtime clients from Python: Frappe requests, jobs and scripts.
+
+Each helper puts one JSON message on the Redis channel ``excel_restaurant_pos_events``;
+every running realtime server delivers it to its own clients in the message's namespace::
+
+	from excel_restaurant_pos.realtime.utils import publish_to_room
+	publish_to_room("kitchen", "order:new", {"order_id": "ORD-001"})
+
+Inside Frappe the site and Redis come from the running site; elsewhere from the same
+configuration loader the server uses. Publishing never breaks the caller: a Redis failure
+is logged and the helper returns 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import functools
+import json
+import logging
+import sys
+import uuid
+from typing import Any
+
+from excel_restaurant_pos.realtime import rooms
+
+APP_CHANNEL = "excel_restaurant_pos_events"
+logger = logging.getLogger(__name__)
+
+
+def json_default(obj: Any) -> Any:
+	"""Frappe's JSON conventions: dates and times as their ``str()``, decimals as floats,
+	sets as lists, documents as their dict."""
+	if isinstance(obj, (datetime.date, datetime.datetime, datetime.time, datetime.timedelta, uuid.UUID)):
+		return str(obj)
+	if isinstance(obj, decimal.Decimal):
+		return float(obj)
+	if isinstance(obj, (set, frozenset)):
+		return list(obj)
+	if callable(getattr(obj, "as_dict", None)):
+		return obj.as_dict()
+	raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def encode_message(event: str, namespace: str, room: str | None, message: Any) -> str:
+	"""The app channel's wire format; a ``TypeError`` naming the event when ``message``
+	cannot be encoded, so nothing half-built is ever sent."""
+	try:
+		return json.dumps(
+			{"namespace": namespace, "room": room, "event": event, "message": message},
+			default=json_default,
+			separators=(",", ":"),
+		)
+	except (TypeError, ValueError) as exc:
+		raise TypeError(f"cannot publish event {event!r}: {exc}") from exc
+
+
+def _running_frappe() -> Any | None:
+	"""The ``frappe`` module when this code runs inside a Frappe site, else ``None``.
+
+	Looked up in ``sys.modules`` so that code outside Frappe never imports it.
+	"""
+	frappe = sys.modules.get("frappe")
+	if frappe is None:
+		return None
+	try:
+		return frappe if getattr(frappe.local, "site", None) else None
+	except RuntimeError:  # a werkzeug LocalProxy outside any context
+		return None
+
+
+@functools.lru_cache(maxsize=8)
+def _redis_client(url: str) -> Any:
+	import redis
+
+	return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+
+@functools.lru_cache(maxsize=1)
+def _standalone_config() -> Any:
+	from excel_restaurant_pos.realtime.config import load_config
+
+	return load_config()
+
+
+def _redis_url(frappe: Any | None) -> str:
+	if frappe is not None:
+		return frappe.conf.get("redis_queue") or _standalone_config().redis_queue
+	return _standalone_config().redis_queue
+
+
+def _default_site(frappe: Any | None) -> str:
+	if frappe is not None:
+		return frappe.local.site
+	return _standalone_config().default_site or "default"
+
+
+def _send(url: str, payload: str, event: str) -> int:
+	try:
+		return int(_redis_client(url).publish(APP_CHANNEL, payload))
+	except Exception as exc:
+		frappe = _running_frappe()
+		if frappe is not None:
+			frappe.log_error(title=f"Realtime publish of {event!r} failed", message=repr(exc))
+		else:
+			logger.warning("realtime publish of %r failed: %s", event, exc)
+		return 0
+
+
+def publish_event(
+	event: str,
+	message: Any,
+	room: str | None = None,
+	*,
+	site: str | None = None,
+	namespace: str | None = None,
+	after_commit: bool = False,
+) -> int:
+	"""Send ``event`` with ``message`` to every client in ``room`` (all of the namespace's
+	clients when ``room`` is ``None``).
+
+	The namespace is ``namespace`` when given, else ``/excel_restaurant_pos/<site>`` where
+	the site is ``site``, else the running Frappe site, else the configured default site.
+	With ``after_commit`` inside Frappe the message is sent when the transaction commits and
+	dropped on rollback. Returns how many realtime servers received it (0 when deferred or
+	when Redis failed).
+	"""
+	frappe = _running_frappe()
+	namespace = namespace or rooms.app_namespace(site or _default_site(frappe))
+	payload = encode_message(event, namespace, room, message)
+	url = _redis_url(frappe)
+	if after_commit and frappe is not None:
+		frappe.db.after_commit.add(lambda: _send(url, payload, event))
+		return 0
+	return _send(url, payload, event)
+
+
+def publish_to_room(room: str, event: str, message: Any, **options: Any) -> int:
+	"""Send to one room (``kitchen``, ``table:12``, …); options as :func:`publish_event`."""
+	return publish_event(event, message, room, **options)
+
+
+def publish_to_user(user: str, event: str, message: Any, **options: Any) -> int:
+	"""Send to every connection of one user (room ``user:<user>``)."""
+	return publish_event(event, message, rooms.user_room(user), **options)
