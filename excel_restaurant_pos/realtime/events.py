@@ -1,0 +1,254 @@
+"""Client events: the registry, the :class:`Client` a handler receives, and Frappe's events.
+
+A handler is a plain function ``handler(client, *args)``; what it returns answers the
+client's acknowledgement callback when the client passed one. Handlers are registered with
+:func:`on`; Frappe's own subscribe events are here, the app's events in ``handlers.py``.
+
+Importing this module has no side effects beyond filling :data:`HANDLERS`; the server wires
+the registry to Socket.IO at start-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from excel_restaurant_pos.realtime import rooms
+
+if TYPE_CHECKING:
+	from excel_restaurant_pos.realtime.connect import Identity
+	from excel_restaurant_pos.realtime.server import RealtimeServer
+
+Handler = Callable[..., Any]
+#: Every client event the server answers, by name: built-ins below, then the app's own.
+HANDLERS: dict[str, Handler] = {}
+
+
+def on(event: str) -> Callable[[Handler], Handler]:
+	"""Register ``handler`` for the client event ``event`` (each name once)."""
+
+	def register(handler: Handler) -> Handler:
+		if event in HANDLERS and HANDLERS[event] is not handler:
+			raise ValueError(f"client event {event!r} already has a handler ({HANDLERS[event].__qualname__})")
+		HANDLERS[event] = handler
+		return handler
+
+	return register
+
+
+class TokenBucket:
+	"""``rate`` events per second with bursts of ``2 × rate``: cheap enough for every event."""
+
+	__slots__ = ("rate", "capacity", "tokens", "stamp")
+
+	def __init__(self, rate: float):
+		self.rate = rate
+		self.capacity = max(1.0, 2 * rate)
+		self.tokens = self.capacity
+		self.stamp = time.monotonic()
+
+	def take(self) -> bool:
+		now = time.monotonic()
+		self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+		self.stamp = now
+		if self.tokens < 1:
+			return False
+		self.tokens -= 1
+		return True
+
+
+class Client:
+	"""One connected socket, as handlers see it."""
+
+	def __init__(self, server: RealtimeServer, sid: str, namespace: str, identity: Identity):
+		self.server = server
+		self.sid = sid
+		self.namespace = namespace
+		self.identity = identity
+		#: Rooms the client joined itself (auto-joined rooms do not count against the limit).
+		self.joined: set[str] = set()
+		self.bucket = TokenBucket(server.config.events_per_second)
+		self.warned_exp: float | None = None
+
+	@property
+	def user(self) -> str:
+		return self.identity.user
+
+	@property
+	def site(self) -> str:
+		return self.identity.site
+
+	@property
+	def user_type(self) -> str:
+		return self.identity.user_type
+
+	@property
+	def is_system_user(self) -> bool:
+		return self.identity.user_type == rooms.SYSTEM_USER
+
+	def emit(self, event: str, data: Any = None) -> None:
+		"""Send an event to this client only."""
+		self.server.sio.emit(event, data, to=self.sid, namespace=self.namespace)
+
+	def emit_to_room(self, room: str, event: str, data: Any = None, *, include_self: bool = False) -> None:
+		"""Send an event to a room of this client's namespace."""
+		skip = None if include_self else self.sid
+		self.server.sio.emit(event, data, to=room, skip_sid=skip, namespace=self.namespace)
+
+	def in_room(self, room: str) -> bool:
+		return room in self.server.sio.rooms(self.sid, namespace=self.namespace)
+
+	def join(self, room: Any) -> str | None:
+		"""Join ``room`` if the room policy (and Frappe, for document rooms) allows it.
+
+		Returns ``None`` on success, else the reason for the refusal.
+		"""
+		identity = self.identity
+		decision = rooms.check_join(
+			identity.user,
+			identity.user_type,
+			room,
+			public_rooms=self.server.config.public_rooms,
+			can_ask_frappe=self.server.frappe_api is not None,
+		)
+		if decision.verdict == "deny":
+			return decision.reason
+		if room in self.joined:
+			return None
+		if len(self.joined) >= self.server.config.rooms_per_socket:
+			return f"Room limit reached ({self.server.config.rooms_per_socket} rooms)"
+		if decision.verdict == "ask_frappe":
+			allowed, reason = self.server.frappe_api.can_join(identity.site, identity.token, decision.doctype, decision.docname)
+			if not allowed:
+				return reason
+		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
+		self.joined.add(room)
+		return None
+
+	def leave(self, room: Any) -> str | None:
+		"""Leave a room this client joined itself; returns the reason when it cannot."""
+		error = rooms.room_error(room)
+		if error:
+			return error
+		self.server.sio.leave_room(self.sid, room, namespace=self.namespace)
+		self.joined.discard(room)
+		return None
+
+	def viewers(self, room: str) -> list[str]:
+		"""The distinct users in a room of this namespace, in the order they joined."""
+		users: dict[str, None] = {}
+		for sid, _ in self.server.sio.manager.get_participants(self.namespace, room):
+			other = self.server.clients.get(sid)
+			if other is not None:
+				users[other.user] = None
+		return list(users)
+
+
+def arg(args: tuple, index: int) -> Any:
+	return args[index] if len(args) > index else None
+
+
+def room_reply(client: Client, room: Any, error: str | None, ok_event: str) -> dict[str, Any]:
+	"""Answer a join or leave with the reply event and the same value for the ack."""
+	if error:
+		client.emit("room:error", {"room": room, "message": error})
+		return {"ok": False, "room": room, "error": error}
+	client.emit(ok_event, {"room": room})
+	return {"ok": True, "room": room}
+
+
+def join_reply(client: Client, room: Any) -> dict[str, Any]:
+	"""Join and answer: ``room:joined`` or ``room:error``, and the same as the ack."""
+	return room_reply(client, room, client.join(room), "room:joined")
+
+
+def leave_reply(client: Client, room: Any) -> dict[str, Any]:
+	"""Leave and answer: ``room:left`` or ``room:error``, and the same as the ack."""
+	return room_reply(client, room, client.leave(room), "room:left")
+
+
+def _doc_args(args: tuple) -> tuple[str, str] | None:
+	doctype, docname = arg(args, 0), arg(args, 1)
+	if isinstance(doctype, str) and doctype and isinstance(docname, (str, int)) and str(docname):
+		return doctype, str(docname)
+	return None
+
+
+@on("doctype_subscribe")
+def doctype_subscribe(client: Client, *args: Any) -> dict[str, Any]:
+	doctype = arg(args, 0)
+	return join_reply(client, rooms.doctype_room(doctype) if isinstance(doctype, str) and doctype else None)
+
+
+@on("doctype_unsubscribe")
+def doctype_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
+	doctype = arg(args, 0)
+	return leave_reply(client, rooms.doctype_room(doctype) if isinstance(doctype, str) else None)
+
+
+@on("doc_subscribe")
+def doc_subscribe(client: Client, *args: Any) -> dict[str, Any]:
+	doc = _doc_args(args)
+	return join_reply(client, rooms.doc_room(*doc) if doc else None)
+
+
+@on("doc_unsubscribe")
+def doc_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
+	doc = _doc_args(args)
+	return leave_reply(client, rooms.doc_room(*doc) if doc else None)
+
+
+def announce_viewers(client: Client, doctype: str, docname: str) -> None:
+	"""Tell a document's viewers who is looking at it now (Frappe's ``doc_viewers``)."""
+	room = rooms.open_doc_room(doctype, docname)
+	payload = {"doctype": doctype, "docname": docname, "users": client.viewers(room)}
+	client.emit_to_room(room, "doc_viewers", payload, include_self=True)
+
+
+@on("doc_open")
+def doc_open(client: Client, *args: Any) -> dict[str, Any]:
+	doc = _doc_args(args)
+	reply = join_reply(client, rooms.open_doc_room(*doc) if doc else None)
+	if reply["ok"]:
+		announce_viewers(client, *doc)
+	return reply
+
+
+@on("doc_close")
+def doc_close(client: Client, *args: Any) -> dict[str, Any]:
+	doc = _doc_args(args)
+	reply = leave_reply(client, rooms.open_doc_room(*doc) if doc else None)
+	if reply["ok"]:
+		announce_viewers(client, *doc)
+	return reply
+
+
+@on("task_subscribe")
+@on("progress_subscribe")
+def task_subscribe(client: Client, *args: Any) -> dict[str, Any]:
+	task_id = arg(args, 0)
+	return join_reply(client, rooms.task_room(str(task_id)) if isinstance(task_id, (str, int)) and str(task_id) else None)
+
+
+@on("task_unsubscribe")
+def task_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
+	task_id = arg(args, 0)
+	return leave_reply(client, rooms.task_room(str(task_id)) if isinstance(task_id, (str, int)) else None)
+
+
+@on("auth:refresh")
+def auth_refresh(client: Client, *args: Any) -> dict[str, Any]:
+	"""Swap a live connection's token for a fresh one of the same user and site."""
+	from excel_restaurant_pos.realtime.connect import Refused, token_from
+
+	data = arg(args, 0)
+	try:
+		token = token_from({}, data if isinstance(data, dict) else {"token": data})
+		identity = client.server.auth.verify(client.site, token)
+	except Refused as exc:
+		return {"ok": False, "error": str(exc)}
+	if identity.user != client.user:
+		return {"ok": False, "error": "Token belongs to another user"}
+	client.identity = identity
+	return {"ok": True, "exp": identity.exp}

@@ -1,0 +1,292 @@
+"""The realtime server: python-socketio on eventlet, its HTTP endpoints and its lifecycle.
+
+:class:`RealtimeServer` knows sockets and nothing about Redis formats: the bridge hands it
+:class:`~excel_restaurant_pos.realtime.bridge.Delivery` values and it emits them to its own
+clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
+
+1. new handshakes are answered 503 at once (clients retry elsewhere or later);
+2. the Redis bridge stops;
+3. each client's transport is closed with an Engine.IO ``close`` packet, which the standard
+   clients report as ``transport close`` and answer by reconnecting (a Socket.IO-level
+   disconnect would switch their reconnection off);
+4. the process exits 0 within ``shutdown_grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from typing import Any
+
+import socketio
+
+from excel_restaurant_pos.auth import token_fingerprint
+from excel_restaurant_pos.realtime import events, metrics, rooms
+from excel_restaurant_pos.realtime.bridge import Bridge, Delivery
+from excel_restaurant_pos.realtime.config import Config, ConfigError
+from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused
+from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
+
+logger = logging.getLogger("excel_restaurant_pos.realtime")
+SWEEP_INTERVAL = 1.0
+
+
+class RealtimeServer:
+	"""One process's Socket.IO server, its clients and its bridge."""
+
+	def __init__(self, config: Config):
+		from excel_restaurant_pos.realtime import handlers  # noqa: F401 -- registers the app's events
+
+		self.config = config
+		self.frappe_api = FrappeAPI(config) if config.auth_mode == "frappe" else None
+		self.auth = Authenticator(config, self.frappe_api)
+		self.sio = socketio.Server(
+			async_mode="eventlet",
+			namespaces="*",
+			cors_allowed_origins="*",  # origins are checked at connect, with a clear refusal
+			logger=False,
+			engineio_logger=False,
+			max_http_buffer_size=config.max_payload,
+		)
+		self.sio_app = socketio.WSGIApp(self.sio)
+		self.clients: dict[str, events.Client] = {}
+		self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
+		self.bridge = Bridge(config, self.deliver)
+		self.draining = False
+		self.stop_requested = False
+		self.sio.on("connect", self.on_connect, namespace="*")
+		self.sio.on("disconnect", self.on_disconnect, namespace="*")
+		for event, handler in events.HANDLERS.items():
+			self.sio.on(event, self._dispatcher(event, handler), namespace="*")
+		self.sio.on("*", self.on_unknown_event, namespace="*")
+
+	# -- connect flow ---------------------------------------------------------------------
+
+	def on_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
+		token = None
+		try:
+			identity = self.auth.identify(namespace, environ, auth)
+			token = identity.token
+			key = (identity.site, identity.user)
+			if self.user_connections[key] >= self.config.connections_per_user:
+				raise Refused(TOO_MANY_CONNECTIONS, "too_many_connections")
+		except Refused as exc:
+			metrics.CONNECTS.labels(exc.label).inc()
+			logger.info("refused namespace=%s reason=%r%s", namespace, str(exc), _fingerprint(environ, auth))
+			raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
+		client = events.Client(self, sid, namespace, identity)
+		self.clients[sid] = client
+		self.user_connections[key] += 1
+		for room in rooms.auto_rooms(identity.user, identity.user_type):
+			self.sio.enter_room(sid, room, namespace=namespace)
+		metrics.CONNECTS.labels("ok").inc()
+		metrics.CONNECTIONS.labels(identity.site).inc()
+		logger.info(
+			"connected site=%s user=%s type=%s namespace=%s sid=%s token=%s",
+			identity.site, identity.user, identity.user_type, namespace, sid, token_fingerprint(token),
+		)
+
+	def on_disconnect(self, namespace: str, sid: str, reason: Any = None) -> None:
+		client = self.clients.pop(sid, None)
+		if client is None:
+			return
+		key = (client.site, client.user)
+		self.user_connections[key] -= 1
+		if self.user_connections[key] <= 0:
+			del self.user_connections[key]
+		metrics.CONNECTIONS.labels(client.site).dec()
+		open_docs = [room for room in client.joined if room.startswith("open_doc:")]
+		for room in open_docs:
+			self.sio.leave_room(sid, room, namespace=namespace)
+			doctype, _, docname = room[len("open_doc:") :].partition("/")
+			events.announce_viewers(client, doctype, docname)
+		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
+
+	# -- client events --------------------------------------------------------------------
+
+	def _dispatcher(self, event: str, handler: events.Handler):
+		"""Wrap a handler with the per-socket rate limit and a guard that turns a handler's
+		failure into an error reply instead of a dead connection."""
+
+		def dispatch(namespace: str, sid: str, *args: Any) -> Any:
+			client = self.clients.get(sid)
+			if client is None:
+				return None
+			if not client.bucket.take():
+				metrics.CLIENT_EVENTS.labels("rate_limited").inc()
+				return {"ok": False, "error": "Rate limit exceeded"}
+			metrics.CLIENT_EVENTS.labels("ok").inc()
+			try:
+				return handler(client, *args)
+			except Exception:
+				logger.exception("handler of %r failed for site=%s user=%s", event, client.site, client.user)
+				return {"ok": False, "error": "Internal error"}
+
+		return dispatch
+
+	def on_unknown_event(self, event: str, namespace: str, sid: str, *args: Any) -> None:
+		"""Events nobody handles still count against the client's rate limit."""
+		client = self.clients.get(sid)
+		if client is not None and not client.bucket.take():
+			metrics.CLIENT_EVENTS.labels("rate_limited").inc()
+		else:
+			metrics.CLIENT_EVENTS.labels("unknown").inc()
+
+	# -- publish flow ---------------------------------------------------------------------
+
+	def deliver(self, delivery: Delivery) -> None:
+		"""Emit one bridged event to the local clients of each of its namespaces."""
+		for namespace in delivery.namespaces:
+			self.sio.emit(delivery.event, delivery.message, to=delivery.room, namespace=namespace)
+		metrics.DELIVERIES.inc(len(delivery.namespaces))
+
+	# -- token expiry ---------------------------------------------------------------------
+
+	def sweep_expiry(self, now: float | None = None) -> None:
+		"""Warn sockets whose token is about to expire; cut off those past ``exp`` + grace."""
+		now = time.time() if now is None else now
+		warning, grace = self.config.expiry_warning, self.config.expiry_grace
+		for client in list(self.clients.values()):
+			exp = client.identity.exp
+			if exp is None:
+				continue
+			if now >= exp + grace:
+				logger.info("token expired site=%s user=%s sid=%s", client.site, client.user, client.sid)
+				self.sio.disconnect(client.sid, namespace=client.namespace)
+			elif now >= exp - warning and client.warned_exp != exp:
+				client.warned_exp = exp
+				client.emit("auth:expired", {"exp": int(exp)})
+
+	def _sweep_forever(self) -> None:
+		while not self.stop_requested:
+			self.sio.sleep(SWEEP_INTERVAL)
+			try:
+				self.sweep_expiry()
+			except Exception:
+				logger.exception("expiry sweep failed")
+
+	# -- HTTP -----------------------------------------------------------------------------
+
+	def health(self) -> tuple[int, dict[str, Any]]:
+		redis_ok = self.bridge.connected
+		status = "ok" if redis_ok and not self.draining else ("draining" if self.draining else "degraded")
+		body = {"status": status, "redis": "up" if redis_ok else "down", "clients": len(self.clients)}
+		return (200 if status == "ok" else 503), body
+
+	def wsgi(self, environ: dict, start_response: Any) -> Any:
+		path = environ.get("PATH_INFO", "")
+		if path == "/health":
+			code, body = self.health()
+			return _respond(start_response, code, json.dumps(body).encode(), "application/json")
+		if path == "/metrics":
+			body, content_type = metrics.render()
+			return _respond(start_response, 200, body, content_type)
+		if self.draining:
+			return _respond(start_response, 503, b"shutting down", "text/plain")
+		if not self.config.websocket_compression:
+			environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+		return self.sio_app(environ, start_response)
+
+	# -- lifecycle ------------------------------------------------------------------------
+
+	def start_background(self) -> None:
+		self.bridge.start(self.sio.start_background_task)
+		self.sio.start_background_task(self._sweep_forever)
+
+	def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+		"""Signal handler: only sets a flag; the main loop notices it within 0.2 s."""
+		self.stop_requested = True
+
+	def drain(self) -> None:
+		"""Stop taking clients and hand every connected one back to its reconnect logic."""
+		self.draining = True
+		self.bridge.stop()
+		deadline = time.monotonic() + max(0.5, self.config.shutdown_grace - 2)
+		sockets = list(self.sio.eio.sockets.values())
+		logger.info("shutting down: closing %d client transports", len(sockets))
+		for eio_socket in sockets:
+			try:
+				eio_socket.close(wait=False, abort=False)
+			except Exception:  # a socket that is already broken needs no goodbye
+				pass
+		while time.monotonic() < deadline and any(not s.queue.empty() for s in sockets):
+			self.sio.sleep(0.05)
+
+
+def _respond(start_response: Any, code: int, body: bytes, content_type: str) -> list[bytes]:
+	reason = {200: "OK", 503: "Service Unavailable"}.get(code, "")
+	start_response(f"{code} {reason}", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+	return [body]
+
+
+def _fingerprint(environ: dict, auth: Any) -> str:
+	"""A token's fingerprint for a refusal log line, when there is a token at all."""
+	from excel_restaurant_pos.realtime.connect import token_from
+
+	try:
+		return f" token={token_fingerprint(token_from(environ, auth))}"
+	except Refused:
+		return ""
+
+
+def raise_open_file_limit() -> int:
+	"""Raise the soft open-file limit to the hard one: every client is a socket."""
+	soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+	if hard == resource.RLIM_INFINITY or hard > soft:
+		target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+		try:
+			resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+			soft = target
+		except (ValueError, OSError):
+			pass
+	return soft
+
+
+def listen(config: Config) -> socket.socket:
+	"""The listening socket, or a :class:`ConfigError` that names the key at fault."""
+	import eventlet
+
+	try:
+		if config.uds:
+			if os.path.exists(config.uds):
+				os.unlink(config.uds)
+			return eventlet.listen(config.uds, family=socket.AF_UNIX, backlog=4096)
+		return eventlet.listen((config.host, config.port), backlog=4096)
+	except OSError as exc:
+		where = f"unix socket {config.uds} (excel_restaurant_pos_socketio_uds)" if config.uds else (
+			f"{config.host}:{config.port} (excel_restaurant_pos_socketio_port)"
+		)
+		raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+def serve(config: Config) -> int:
+	"""Run until SIGTERM/SIGINT, drain, and return the exit status."""
+	import eventlet
+	import eventlet.wsgi
+
+	files = raise_open_file_limit()
+	sock = listen(config)
+	server = RealtimeServer(config)
+	signal.signal(signal.SIGTERM, server.request_stop)
+	signal.signal(signal.SIGINT, server.request_stop)
+	server.start_background()
+	eventlet.spawn(
+		eventlet.wsgi.server,
+		sock,
+		server.wsgi,
+		log_output=False,
+		max_size=config.max_connections,
+		log=logging.getLogger("excel_restaurant_pos.realtime.http"),
+	)
+	logger.info("%s; open-file limit %d", config.describe(), files)
+	while not server.stop_requested:
+		eventlet.sleep(0.2)
+	server.drain()
+	logger.info("stopped")
+	return 0
