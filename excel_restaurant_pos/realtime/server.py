@@ -271,6 +271,8 @@ def serve(config: Config) -> int:
 	import eventlet.wsgi
 
 	files = raise_open_file_limit()
+	# Room for an oversized Bearer header, so it is refused with a reason rather than a 400.
+	eventlet.wsgi.MAX_HEADER_LINE = max(eventlet.wsgi.MAX_HEADER_LINE, 16384)
 	sock = listen(config)
 	server = RealtimeServer(config)
 	signal.signal(signal.SIGTERM, server.request_stop)

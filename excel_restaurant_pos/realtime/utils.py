@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def json_default(obj: Any) -> Any:
-	"""Frappe's JSON conventions: dates and times as their ``str()``, decimals as floats,
-	sets as lists, documents as their dict."""
-	if isinstance(obj, (datetime.date, datetime.datetime, datetime.time, datetime.timedelta, uuid.UUID)):
+	"""Frappe's JSON conventions: dates and times as their ``str()``, durations as
+	``H:MM:SS`` in total hours, decimals as floats, sets as lists, documents as their dict."""
+	if isinstance(obj, (datetime.date, datetime.time, uuid.UUID)):
 		return str(obj)
+	if isinstance(obj, datetime.timedelta):
+		return _format_timedelta(obj)
 	if isinstance(obj, decimal.Decimal):
 		return float(obj)
 	if isinstance(obj, (set, frozenset)):
@@ -40,6 +42,14 @@ def json_default(obj: Any) -> Any:
 	if callable(getattr(obj, "as_dict", None)):
 		return obj.as_dict()
 	raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _format_timedelta(value: datetime.timedelta) -> str:
+	"""As Frappe's ``format_timedelta``: 1 day 2:03:04 is ``26:03:04``."""
+	hours, remainder = divmod(value.total_seconds(), 3600)
+	minutes, seconds = divmod(remainder, 60)
+	seconds = round(seconds, 6)
+	return f"{int(hours):01}:{int(minutes):02}:{int(seconds) if seconds == int(seconds) else seconds:02}"
 
 
 def encode_message(event: str, namespace: str, room: str | None, message: Any) -> str:

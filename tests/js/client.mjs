@@ -1,0 +1,44 @@
+// Drives real socket.io-client sockets for the Python tests.
+// stdin: one JSON command per line; stdout: one JSON line per socket event.
+//   {"cmd":"connect","id":"c1","url":"http://127.0.0.1:9001/site","opts":{...},"version":4}
+//   {"cmd":"emit","id":"c1","event":"room:join","args":["kitchen"],"ack":true,"seq":7}
+//   {"cmd":"disconnect","id":"c1"}   {"cmd":"exit"}
+import { createInterface } from "node:readline";
+import { io as io4 } from "socket.io-client";
+import { io as io3 } from "socket.io-client-v3";
+
+const sockets = new Map();
+const out = (item) => process.stdout.write(JSON.stringify(item) + "\n");
+
+function connect({ id, url, opts, version }) {
+	const socket = (version === 3 ? io3 : io4)(url, opts);
+	sockets.set(id, socket);
+	socket.on("connect", () => out({ id, type: "connect", transport: socket.io.engine.transport.name }));
+	socket.on("connect_error", (err) => out({ id, type: "connect_error", message: err.message, data: err.data ?? null }));
+	socket.on("disconnect", (reason) => out({ id, type: "disconnect", reason }));
+	socket.io.on("reconnect", (attempt) => out({ id, type: "reconnect", attempt }));
+	socket.onAny((event, ...args) => out({ id, type: "event", event, args, at: Date.now() }));
+}
+
+function emit({ id, event, args, ack, seq }) {
+	const socket = sockets.get(id);
+	if (!socket) return out({ id, seq, type: "error", message: `no socket ${id}` });
+	if (ack) socket.emit(event, ...args, (...reply) => out({ id, seq, type: "ack", args: reply }));
+	else socket.emit(event, ...args);
+}
+
+const commands = {
+	connect,
+	emit,
+	disconnect: ({ id }) => sockets.get(id)?.disconnect(),
+	exit: () => {
+		for (const socket of sockets.values()) socket.disconnect();
+		process.exit(0);
+	},
+};
+
+createInterface({ input: process.stdin }).on("line", (line) => {
+	const command = JSON.parse(line);
+	commands[command.cmd](command);
+});
+process.stdin.on("end", () => process.exit(0));
