@@ -62,7 +62,7 @@ def realtime(tmp_path, redis_url):
 
 	def start(*, env: dict | None = None, wait_healthy: bool = True, **flags) -> RealtimeProcess:
 		flags.setdefault("redis_queue", redis_url)
-		base_env = {"EXCEL_RESTAURANT_POS_JWT_SECRET": SECRET, "EXCEL_RESTAURANT_POS_SITES": "default"}
+		base_env = {"EXCEL_RESTAURANT_POS_JWT_SECRET": SECRET}
 		process = RealtimeProcess(tmp_path, flags, {**base_env, **(env or {})})
 		started.append(process)
 		process.start(wait_healthy=wait_healthy)

@@ -111,10 +111,15 @@ class RealtimeProcess:
 		self.folder.mkdir(parents=True, exist_ok=True)
 		self._log = open(self.log_path, "ab")
 		self.process = subprocess.Popen(self.command(), cwd=self.folder, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-		if wait_healthy:
-			wait_for(lambda: self.health()[0] == 200, 15, message=f"healthy server on {self.port}\n{self.log()}")
-		else:
-			wait_for(lambda: self.health()[0] is not None or self.process.poll() is not None, 15, message="server listening")
+		try:
+			if wait_healthy:
+				wait_for(lambda: self.health()[0] == 200 or self.process.poll() is not None, 15, message="a healthy server")
+			else:
+				wait_for(lambda: self.health()[0] is not None or self.process.poll() is not None, 15, message="a listening server")
+		except AssertionError as exc:
+			raise AssertionError(f"{exc}; server log:\n{self.log()}") from None
+		if self.process.poll() is not None:
+			raise AssertionError(f"server exited with {self.process.returncode}; log:\n{self.log()}")
 
 	def health(self) -> tuple[int | None, dict | None]:
 		try:
