@@ -244,7 +244,7 @@ class FrappeStandIn:
 				info["installed_apps"] = ["frappe", "excel_restaurant_pos"]
 			return self._json(handler, 200, {"message": info})
 		if method == "frappe.realtime.has_permission" and self.newest:
-			return self._permission(handler, user, params.get("doctype"), params.get("name"))
+			return self._permission(handler, user, params.get("doctype"), params.get("name") or None)
 		if method == "frappe.realtime.can_subscribe_doc" and not self.newest:
 			return self._permission(handler, user, params.get("doctype"), params.get("docname"))
 		if method == "frappe.realtime.can_subscribe_doctype" and not self.newest:

@@ -95,11 +95,12 @@ class FrappeAPI:
 	def can_join(self, site: str, token: str, doctype: str, docname: str | None) -> tuple[bool, str]:
 		"""Ask Frappe whether the token's user may read ``doctype`` (or one document).
 
-		Newest Frappe has ``has_permission``; v14 and v15 have ``can_subscribe_doc`` /
-		``can_subscribe_doctype``. Which one a site has is learned from its answer.
+		Newest Frappe has ``has_permission`` (an empty ``name`` asks about the doctype);
+		v14 and v15 have ``can_subscribe_doc`` / ``can_subscribe_doctype``. Which one a site
+		has is learned from its answer, never assumed from a version number.
 		"""
-		if docname is not None and self._has_permission_method.get(site, True):
-			response = self.call(site, token, "frappe.realtime.has_permission", {"doctype": doctype, "name": docname})
+		if self._has_permission_method.get(site, True):
+			response = self.call(site, token, "frappe.realtime.has_permission", {"doctype": doctype, "name": docname or ""})
 			if not _method_missing(response):
 				self._has_permission_method[site] = True
 				return _verdict(response)

@@ -1,0 +1,130 @@
+"""``frappe`` auth mode against the Frappe API stand-in: what Frappe receives, the socket
+secret, permission checks on v14/v15 and newest Frappe, and a Frappe that is slow or down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import OTHER_SECRET
+from harness import wait_for
+from test_connect import token
+
+SITES = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local"}
+
+
+@pytest.fixture
+def frappe_server(realtime, frappe_standin):
+	"""A server in ``frappe`` mode whose Frappe is the stand-in."""
+	return realtime(auth_mode="frappe", frappe_url=frappe_standin.url, frappe_timeout=2, env=SITES)
+
+
+def test_connect_asks_frappe_with_the_clients_token_and_site(frappe_server, frappe_standin, js):
+	bearer = token("waiter@example.com")
+	reply = js.connect("c", frappe_server.url + "/excel_restaurant_pos/site1.local", token=bearer, headers={"Host": "evil.example:1", "X-Frappe-Site-Name": "site2.local"})
+	assert reply["type"] == "connect"
+	(call,) = frappe_standin.calls("frappe.realtime.get_user_info")
+	assert call["headers"]["authorization"] == f"Bearer {bearer}"
+	assert call["headers"]["host"] == "site1.local"
+	assert call["headers"]["x-frappe-site-name"] == "site1.local"
+	assert "x-frappe-socket-secret" not in call["headers"]
+	assert "cookie" not in call["headers"]
+
+
+def test_refusals_in_frappe_mode(frappe_server, frappe_standin, js):
+	url = frappe_server.url + "/excel_restaurant_pos/site1.local"
+	assert js.connect("other", url, token=token(secret=OTHER_SECRET))["message"] == "Unauthorized: invalid signature"
+	assert js.connect("gone", url, token=token("gone@example.com"))["message"] == "Unauthorized: user 'gone@example.com' is unknown or disabled"
+	assert js.connect("nobody", url, token=token("nobody@example.com"))["type"] == "connect_error"
+	assert js.connect("ns", frappe_server.url + "/excel_restaurant_pos/nosuch", token=token())["message"] == "Invalid namespace"
+	assert len(frappe_standin.requests) == 3  # the bad namespace never reached Frappe
+
+
+def test_hostile_origin_never_reaches_frappe(realtime, frappe_standin, js):
+	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, env={**SITES, "EXCEL_RESTAURANT_POS_ALLOWED_ORIGINS": "https://pos.example.com"})
+	reply = js.connect("c", server.url + "/site1.local", token=token(), headers={"Origin": "https://evil.example"})
+	assert reply["message"] == "Invalid origin"
+	assert frappe_standin.requests == []
+
+
+def test_user_type_and_installed_apps_come_from_frappe(frappe_server, frappe_standin, js, publish):
+	"""The token says System User; Frappe says Website User, and Frappe wins."""
+	js.connect("c", frappe_server.url + "/excel_restaurant_pos/site1.local", token=token("guest@example.com", user_type="System User"))
+	assert js.emit("c", "room:join", "all")[0]["error"] == "Only System Users may join 'all'"
+
+
+def test_socket_secret_from_redis_is_sent(frappe_server, frappe_standin, js, redis_url):
+	import redis
+
+	redis.Redis.from_url(redis_url).set("socketio_auth_secret", "s3cr3t-from-frappe")
+	frappe_standin.socket_secret = "s3cr3t-from-frappe"
+	frappe_standin.newest = True
+	# the secret is re-read once a minute; a fresh server reads it at its first connect
+	assert js.connect("c", frappe_server.url + "/site1.local", token=token())["type"] == "connect"
+	(call,) = frappe_standin.calls("frappe.realtime.get_user_info")
+	assert call["headers"]["x-frappe-socket-secret"] == "s3cr3t-from-frappe"
+
+
+def test_verified_tokens_are_cached_briefly(frappe_server, frappe_standin, js):
+	bearer = token()
+	for client in ("a", "b", "c"):
+		assert js.connect(client, frappe_server.url + "/site1.local", token=bearer)["type"] == "connect"
+	assert len(frappe_standin.calls("frappe.realtime.get_user_info")) == 1
+
+
+@pytest.mark.parametrize("newest", [False, True], ids=["v14-v15-can_subscribe", "newest-has_permission"])
+def test_document_rooms_ask_frappe(frappe_server, frappe_standin, js, newest):
+	frappe_standin.newest = newest
+	frappe_standin.permissions = {("waiter@example.com", "POS Order", "ORD-1"), ("waiter@example.com", "Kitchen Ticket", None)}
+	url = frappe_server.url + "/site1.local"
+	js.connect("c", url, token=token("waiter@example.com"))
+	assert js.emit("c", "doc_subscribe", "POS Order", "ORD-1") == [{"ok": True, "room": "doc:POS Order/ORD-1"}]
+	assert js.emit("c", "doc_subscribe", "POS Order", "ORD-2")[0] == {"ok": False, "room": "doc:POS Order/ORD-2", "error": "Permission denied"}
+	assert js.emit("c", "doctype_subscribe", "Kitchen Ticket") == [{"ok": True, "room": "doctype:Kitchen Ticket"}]
+	assert js.emit("c", "doctype_subscribe", "User")[0]["ok"] is False
+	assert js.emit("c", "room:join", "doc:POS Order/ORD-2")[0]["error"] == "Permission denied"
+	methods = [request["method"] for request in frappe_standin.requests[1:]]
+	if newest:
+		assert "frappe.realtime.has_permission" in methods and "frappe.realtime.can_subscribe_doc" not in methods
+	else:
+		# v14/v15 answer 417 for has_permission once; after that the site is known
+		assert methods.count("frappe.realtime.has_permission") == 1
+		assert "frappe.realtime.can_subscribe_doc" in methods
+	doc_call = next(r for r in frappe_standin.requests if r["params"].get("doctype") == "POS Order")
+	assert doc_call["headers"]["x-frappe-site-name"] == "site1.local"
+
+
+def test_doc_viewers(frappe_server, frappe_standin, js):
+	frappe_standin.permissions = {("waiter@example.com", "POS Order", None), ("cook@example.com", "POS Order", None)}
+	url = frappe_server.url + "/site1.local"
+	js.connect("w", url, token=token("waiter@example.com"))
+	js.connect("k", url, token=token("cook@example.com"))
+	js.emit("w", "doc_open", "POS Order", "ORD-1")
+	js.emit("k", "doc_open", "POS Order", "ORD-1")
+	assert js.wait_event("w", "doc_viewers", where=lambda a: len(a[0]["users"]) == 2) == [
+		{"doctype": "POS Order", "docname": "ORD-1", "users": ["waiter@example.com", "cook@example.com"]}
+	]
+	js.emit("k", "doc_close", "POS Order", "ORD-1")
+	js.wait_event("w", "doc_viewers", where=lambda a: a[0]["users"] == ["waiter@example.com"])
+
+
+def test_slow_frappe_refuses_in_bounded_time_and_delays_no_one(frappe_server, frappe_standin, js, publish):
+	js.connect("live", frappe_server.url + "/excel_restaurant_pos/site1.local", token=token())
+	frappe_standin.delay = 5
+	started = time.monotonic()
+	js.send(cmd="connect", id="slow", url=frappe_server.url + "/excel_restaurant_pos/site1.local", opts={"transports": ["websocket"], "extraHeaders": {"Authorization": f"Bearer {token('cook@example.com')}"}, "reconnection": False})
+	wait_for(lambda: frappe_standin.calls("frappe.realtime.get_user_info")[1:], message="the slow call to start")
+	publish.publish_event("order:new", {"n": 1}, site="site1.local")
+	assert js.wait_event("live", "order:new", timeout=2) == [{"n": 1}]
+	delivered_after = time.monotonic() - started
+	refusal = js.wait(lambda item: item.get("id") == "slow" and item["type"] == "connect_error", 10, "slow refusal")
+	assert refusal["message"] == "Unauthorized: Frappe did not answer within 2 s"
+	assert delivered_after < 2 < time.monotonic() - started < 5
+
+
+def test_dead_or_garbage_frappe_refuses_with_reason(realtime, frappe_standin, js):
+	server = realtime(auth_mode="frappe", frappe_url="http://127.0.0.1:9", env=SITES)
+	assert js.connect("dead", server.url + "/site1.local", token=token())["message"] == "Unauthorized: Frappe unreachable (ConnectionError)"
+	frappe_standin.garbage = True
+	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, env=SITES)
+	assert js.connect("junk", server.url + "/site1.local", token=token())["message"] == "Unauthorized: Frappe did not accept the token"
