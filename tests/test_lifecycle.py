@@ -1,0 +1,141 @@
+"""The process: Redis outages, /health and /metrics, and a graceful SIGTERM that hands every
+client back to its own reconnect logic."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from harness import RedisServer, free_port, wait_for
+from test_connect import token
+
+APP_NS = "/excel_restaurant_pos/default"
+
+
+def test_redis_outage_is_survived(realtime, js, own_redis, publish, monkeypatch):
+	server = realtime(redis_queue=own_redis.url)
+	js.connect("c", server.url + APP_NS, token=token())
+	assert server.health() == (200, {"status": "ok", "redis": "up", "clients": 1})
+	own_redis.stop()
+	wait_for(lambda: server.health()[0] == 503, 10, message="/health to turn 503")
+	assert server.health()[1]["redis"] == "down"
+	own_redis.start()
+	wait_for(lambda: server.health()[0] == 200, 15, message="/health back to 200")
+	monkeypatch.setenv("FRAPPE_REDIS_QUEUE", own_redis.url)
+	publish._standalone_config.cache_clear()
+	publish._redis_client.cache_clear()
+	assert publish.publish_event("order:new", {"after": "outage"}) == 1
+	assert js.wait_event("c", "order:new") == [{"after": "outage"}]
+	assert server.metric("excel_pos_realtime_redis_reconnects_total") == 1
+	assert server.log().count("unavailable") == 1  # logged once per outage, not per retry
+
+
+def test_redis_absent_at_start(realtime, tmp_path, js):
+	later = RedisServer(tmp_path / "later")
+	server = realtime(redis_queue=later.url, wait_healthy=False)
+	assert server.health()[0] == 503
+	assert js.connect("c", server.url + APP_NS, token=token())["type"] == "connect"  # clients are served meanwhile
+	later.start()
+	try:
+		wait_for(lambda: server.health()[0] == 200, 15, message="redis to be found")
+	finally:
+		later.stop()
+
+
+def test_metrics_page(realtime, js, publish):
+	server = realtime()
+	js.connect("c", server.url + APP_NS, token=token())
+	js.connect("bad", server.url + APP_NS, token="nope")
+	publish.publish_event("order:new", {})
+	js.wait_event("c", "order:new")
+	text = server.metrics()
+	assert 'excel_pos_realtime_connections{site="default"} 1.0' in text
+	assert server.metric("excel_pos_realtime_connects_total", result="ok") == 1
+	assert server.metric("excel_pos_realtime_connects_total", result="unauthorized") == 1
+	assert server.metric("excel_pos_realtime_deliveries_total") == 1
+	assert server.metric("excel_pos_realtime_redis_messages_total", channel="excel_restaurant_pos_events", result="ok") == 1
+	assert "excel_pos_realtime_auth_seconds_bucket" in text
+	assert "excel_pos_realtime_slow_client_disconnects_total" in text
+
+
+def test_sigterm_when_idle_exits_zero_quickly(realtime):
+	server = realtime()
+	started = time.monotonic()
+	server.signal(signal.SIGTERM)
+	assert server.wait(10) == 0
+	assert time.monotonic() - started < 10
+
+
+def test_sigterm_hands_clients_back_to_their_reconnect_logic(realtime, js, publish, tmp_path):
+	port = free_port()
+	first = realtime(port=port)
+	for transport in ("websocket", "polling"):
+		js.connect(transport, first.url + APP_NS, token=token(), transport=transport, reconnection=True, reconnectionDelay=100, reconnectionDelayMax=500)
+	started = time.monotonic()
+	first.signal(signal.SIGINT)
+	assert first.wait(10) == 0
+	assert time.monotonic() - started < 10
+	for transport in ("websocket", "polling"):
+		gone = js.wait(lambda item, t=transport: item.get("id") == t and item["type"] == "disconnect", 5, f"{transport} disconnect")
+		assert gone["reason"] == "transport close"
+	second = realtime(port=port)  # the replacement process on the same port
+	for transport in ("websocket", "polling"):
+		js.wait(lambda item, t=transport: item.get("id") == t and item["type"] == "reconnect", 15, f"{transport} reconnect")
+	publish.publish_event("order:new", {"after": "restart"})
+	for transport in ("websocket", "polling"):
+		assert js.wait_event(transport, "order:new") == [{"after": "restart"}]
+	assert second.health()[1]["clients"] == 2
+
+
+def test_bad_configuration_stops_start_up_with_one_clear_line(tmp_path):
+	taken = free_port()
+	with socket.socket() as holder:
+		holder.bind(("127.0.0.1", taken))
+		holder.listen()
+		cases = {
+			"--port": (["--port", str(taken), "--host", "127.0.0.1"], f"cannot listen on 127.0.0.1:{taken} (excel_restaurant_pos_socketio_port): "),
+			"--redis-queue": (["--redis-queue", "http://nope"], "option --redis-queue: invalid value 'http://nope'"),
+			"--auth-mode": (["--auth-mode", "cookies"], "option --auth-mode: invalid value 'cookies' (expected one of frappe, jwt)"),
+		}
+		for flag, (args, expected) in cases.items():
+			result = subprocess.run([sys.executable, "-m", "excel_restaurant_pos.realtime", *args], cwd=tmp_path, capture_output=True, text=True, timeout=20)
+			assert result.returncode == 2, flag
+			assert expected in result.stderr, (flag, result.stderr)
+			assert "Traceback" not in result.stderr, flag
+	bench = tmp_path / "bench"
+	(bench / "sites").mkdir(parents=True)
+	(bench / "sites" / "common_site_config.json").write_text("{broken")
+	result = subprocess.run([sys.executable, "-m", "excel_restaurant_pos.realtime", "--bench", str(bench)], cwd=tmp_path, capture_output=True, text=True, timeout=20)
+	assert result.returncode == 2
+	assert f"{bench / 'sites' / 'common_site_config.json'}: invalid JSON at line 1" in result.stderr
+
+
+def test_start_up_log_says_where_it_listens(realtime):
+	server = realtime(env={"EXCEL_RESTAURANT_POS_SITES": "site1.local"})
+	line = next(line for line in server.log().splitlines() if "listening on 127.0.0.1" in line)
+	assert f"127.0.0.1:{server.port} (standalone)" in line
+	assert "sites site1.local" in line and "auth jwt" in line and "redis redis://127.0.0.1:" in line
+
+
+def test_importing_the_realtime_package_has_no_side_effects():
+	code = (
+		"import sys, socket\n"
+		"before = socket.socket\n"
+		"import excel_restaurant_pos.realtime, excel_restaurant_pos.realtime.handlers, excel_restaurant_pos.realtime.utils\n"
+		"import excel_restaurant_pos.realtime.server, excel_restaurant_pos.realtime.bridge\n"
+		"assert socket.socket is before, 'monkey-patched'\n"
+		"assert 'frappe' not in sys.modules\n"
+		"print('clean')\n"
+	)
+	result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+	assert result.stdout.strip() == "clean", result.stderr
+
+
+def test_handlers_import_without_eventlet_or_socketio():
+	"""Newest Frappe imports <app>.realtime.handlers into its own (gevent) process."""
+	code = "import sys; import excel_restaurant_pos.realtime.handlers; print(sorted(m for m in ('eventlet', 'socketio', 'frappe', 'redis') if m in sys.modules))"
+	result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+	assert result.stdout.strip() == "[]", result.stderr
