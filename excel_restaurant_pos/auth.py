@@ -102,6 +102,10 @@ def verify_token(token: str, secret: str | None, *, leeway: float = 0) -> dict[s
 		raise TokenError("invalid signature") from None
 	except jwt.PyJWTError as exc:
 		raise TokenError(f"invalid token ({exc})") from None
+	issued_at = claims.get("iat")
+	if isinstance(issued_at, (int, float)) and issued_at > time.time() + max(leeway, 0):
+		# PyJWT before 2.6 accepts a future iat; refuse it the same on every version
+		raise TokenError("token not yet valid")
 	token_type = claims.get("type")
 	if token_type is not None and token_type != "access":
 		raise TokenError(f"token type {token_type!r} is not an access token")
