@@ -169,7 +169,10 @@ class Bridge:
 					if message is not None and message.get("type") == "message":
 						channel = message["channel"]
 						self.handle(channel.decode() if isinstance(channel, bytes) else channel, message["data"])
-			except (redis.RedisError, OSError) as exc:
+			# Not only RedisError/OSError: redis-py raises ValueError or RuntimeError when the
+			# connection is closed under a read (stop(), a dropped socket), and a reader that
+			# died would leave the bridge reporting itself connected while reading nothing.
+			except Exception as exc:
 				self._up[url] = False
 				self._pubsubs.pop(url, None)
 				if not self._running:

@@ -1,0 +1,346 @@
+"""The Redis bridge: how each message format becomes a delivery, and the reader's life with
+a real Redis that goes away and comes back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from harness import wait_for
+from prometheus_client import REGISTRY
+
+from excel_restaurant_pos.realtime.bridge import FRAPPE_CHANNEL, BadMessage, Bridge, Delivery, Parser
+from excel_restaurant_pos.realtime.config import Config, load_config
+from excel_restaurant_pos.realtime.utils import APP_CHANNEL, publish_event
+
+SITES = ("site1.local", "site2.local")
+
+#: A reader thread that dies with an exception is a bridge that silently stopped reading.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+def v15(event: str, message: Any, room: str | None, site: str = "site1.local") -> str:
+	"""As Frappe v15 ``emit_via_redis`` writes it: ``frappe.as_json`` (indent 1, sorted keys)."""
+	return json.dumps({"event": event, "message": message, "namespace": site, "room": room}, indent=1, sort_keys=True)
+
+
+def v14(event: str, message: Any, room: str) -> str:
+	"""As Frappe v14 writes it: no namespace, the room prefixed with ``<site>:``."""
+	return json.dumps({"event": event, "message": message, "room": room}, indent=1, sort_keys=True)
+
+
+def app(event: str, message: Any, room: str | None, namespace: str = "/excel_restaurant_pos/site1.local") -> str:
+	return json.dumps({"namespace": namespace, "room": room, "event": event, "message": message})
+
+
+def bad(parser: Parser, channel: str, raw: Any) -> BadMessage:
+	with pytest.raises(BadMessage) as error:
+		parser.parse(channel, raw)
+	return error.value
+
+
+@pytest.fixture
+def parser() -> Parser:
+	return Parser(SITES, None)
+
+
+# -- Parser: Frappe's channel ----------------------------------------------------------
+
+
+def test_frappe_v15_message(parser):
+	raw = v15("doc_update", {"doctype": "ToDo", "name": "1", "modified": "2024-01-02 03:04:05"}, "doc:ToDo/1")
+
+	assert parser.parse(FRAPPE_CHANNEL, raw) == Delivery(
+		site="site1.local",
+		namespaces=("/site1.local", "/excel_restaurant_pos/site1.local"),
+		room="doc:ToDo/1",
+		event="doc_update",
+		message={"doctype": "ToDo", "name": "1", "modified": "2024-01-02 03:04:05"},
+	)
+
+
+def test_frappe_message_as_bytes(parser):
+	assert parser.parse(FRAPPE_CHANNEL, v15("list_update", {}, "doctype:ToDo").encode()).room == "doctype:ToDo"
+
+
+@pytest.mark.parametrize("room", [None, ""])
+def test_frappe_message_without_room_goes_to_the_whole_namespace(parser, room):
+	delivery = parser.parse(FRAPPE_CHANNEL, v15("msgprint", "hello", room, site="site2.local"))
+
+	assert delivery.site == "site2.local"
+	assert delivery.room is None
+	assert delivery.namespaces == ("/site2.local", "/excel_restaurant_pos/site2.local")
+
+
+def test_frappe_v14_message_takes_the_site_from_the_room(parser):
+	delivery = parser.parse(FRAPPE_CHANNEL, v14("doc_update", {"name": "1"}, "site1.local:doc:ToDo/1"))
+
+	assert delivery == Delivery("site1.local", ("/site1.local", "/excel_restaurant_pos/site1.local"), "doc:ToDo/1", "doc_update", {"name": "1"})
+
+
+@pytest.mark.parametrize(
+	("room", "expected"), [("site2.local:all", "all"), ("site2.local:user:cook@example.com", "user:cook@example.com"), ("site2.local:", None)]
+)
+def test_frappe_v14_rooms_have_the_same_name_as_v15(parser, room, expected):
+	delivery = parser.parse(FRAPPE_CHANNEL, v14("eval_js", "x", room))
+
+	assert (delivery.site, delivery.room) == ("site2.local", expected)
+
+
+def test_default_site_events_also_reach_the_default_alias():
+	parser = Parser(SITES, "site1.local")
+
+	assert parser.parse(FRAPPE_CHANNEL, v15("e", 1, "all")).namespaces == (
+		"/site1.local",
+		"/excel_restaurant_pos/site1.local",
+		"/excel_restaurant_pos/default",
+	)
+	assert parser.parse(FRAPPE_CHANNEL, v15("e", 1, "all", site="site2.local")).namespaces == ("/site2.local", "/excel_restaurant_pos/site2.local")
+
+
+@pytest.mark.parametrize(
+	"raw",
+	[
+		v15("e", 1, "all", site="other.local"),
+		v15("e", 1, "all", site=""),
+		json.dumps({"event": "e", "namespace": 5, "room": "all"}),
+		v14("e", 1, "other.local:all"),
+		v14("e", 1, "all"),
+		json.dumps({"event": "e", "message": 1}),
+	],
+)
+def test_unknown_site_on_frappe_channel(parser, raw):
+	assert bad(parser, FRAPPE_CHANNEL, raw).result == "unknown_site"
+
+
+# -- Parser: the app's channel ---------------------------------------------------------
+
+
+def test_app_message(parser):
+	delivery = parser.parse(APP_CHANNEL, app("order:new", {"order_id": "ORD-001"}, "kitchen"))
+
+	assert delivery == Delivery("site1.local", ("/excel_restaurant_pos/site1.local",), "kitchen", "order:new", {"order_id": "ORD-001"})
+
+
+def test_app_message_never_reaches_frappes_namespace():
+	parser = Parser(SITES, "site1.local")
+
+	delivery = parser.parse(APP_CHANNEL, app("order:new", {}, None))
+
+	assert delivery.room is None
+	assert delivery.namespaces == ("/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default")
+
+
+def test_app_message_to_the_default_alias():
+	delivery = Parser(SITES, "site2.local").parse(APP_CHANNEL, app("e", 1, "r", namespace="/excel_restaurant_pos/default"))
+
+	assert delivery.site == "site2.local"
+	assert delivery.namespaces == ("/excel_restaurant_pos/site2.local", "/excel_restaurant_pos/default")
+
+
+def test_app_message_as_publish_event_writes_it(parser, monkeypatch):
+	"""What the publish helpers put on the wire is what the bridge reads."""
+	sent: list[str] = []
+	monkeypatch.setattr("excel_restaurant_pos.realtime.utils._send", lambda url, payload, event: sent.append(payload) or 1)
+
+	publish_event("order:new", {"order_id": "ORD-009"}, "kitchen", site="site2.local")
+
+	assert parser.parse(APP_CHANNEL, sent[0]) == Delivery(
+		"site2.local", ("/excel_restaurant_pos/site2.local",), "kitchen", "order:new", {"order_id": "ORD-009"}
+	)
+
+
+@pytest.mark.parametrize(
+	("namespace", "result"),
+	[
+		("/excel_restaurant_pos/other.local", "unknown_site"),
+		("/excel_restaurant_pos/default", "unknown_site"),
+		("/site1.local", "malformed"),
+		("site1.local", "malformed"),
+		(None, "malformed"),
+		(7, "malformed"),
+	],
+)
+def test_bad_app_namespace(parser, namespace, result):
+	assert bad(parser, APP_CHANNEL, app("e", 1, "r", namespace=namespace)).result == result
+
+
+# -- Parser: malformed -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", [FRAPPE_CHANNEL, APP_CHANNEL])
+@pytest.mark.parametrize(
+	("raw", "reason"),
+	[
+		("{not json", "not JSON"),
+		(b"\xff\xfe\xfa", "not JSON"),
+		("", "not JSON"),
+		("[1, 2]", "not a JSON object"),
+		('"text"', "not a JSON object"),
+		("null", "not a JSON object"),
+		(json.dumps({"namespace": "site1.local", "room": "all"}), "no event name"),
+		(json.dumps({"event": "", "namespace": "site1.local"}), "no event name"),
+		(json.dumps({"event": 5, "namespace": "site1.local"}), "no event name"),
+		(json.dumps({"event": "e", "namespace": "site1.local", "room": 5}), "room is not a string"),
+		(json.dumps({"event": "e", "namespace": "site1.local", "room": ["a"]}), "room is not a string"),
+	],
+)
+def test_malformed(parser, channel, raw, reason):
+	error = bad(parser, channel, raw)
+
+	assert error.result == "malformed"
+	assert str(error).startswith(reason)
+
+
+# -- Bridge with a real Redis ----------------------------------------------------------
+
+
+class Running:
+	"""A started bridge, its deliveries and its reader threads."""
+
+	def __init__(self, config: Config):
+		self.deliveries: list[Delivery] = []
+		self.threads: list[threading.Thread] = []
+		self.bridge = Bridge(config, self.deliveries.append, retry_max=0.5)
+		self.bridge.start(self.spawn)
+
+	def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+		thread = threading.Thread(target=fn, args=args, daemon=True)
+		self.threads.append(thread)
+		thread.start()
+
+	def stop(self) -> None:
+		self.bridge.stop()
+		for thread in self.threads:
+			thread.join(10)
+		assert not any(thread.is_alive() for thread in self.threads), "bridge readers still running after stop()"
+
+
+@pytest.fixture
+def start_bridge():
+	started: list[Running] = []
+
+	def start(queue_url: str, **overrides: Any) -> Running:
+		config = load_config(overrides, env={"FRAPPE_REDIS_QUEUE": queue_url, "EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local"})
+		running = Running(config)
+		started.append(running)
+		return running
+
+	yield start
+	for running in started:
+		running.stop()
+
+
+def listening(client: redis.Redis, *channels: str) -> Callable[[], bool]:
+	"""True once Redis has a subscriber on every channel (so a publish cannot be missed)."""
+	return lambda: all(count >= 1 for _, count in client.pubsub_numsub(*channels))
+
+
+def messages_counted(channel: str, result: str) -> float:
+	return REGISTRY.get_sample_value("excel_pos_realtime_redis_messages_total", {"channel": channel, "result": result}) or 0.0
+
+
+def test_bridge_skips_bad_messages_and_delivers_good_ones(start_bridge, redis_server, redis_url, caplog):
+	client = redis_server.client()
+	malformed_before = messages_counted(FRAPPE_CHANNEL, "malformed")
+	unknown_before = messages_counted(APP_CHANNEL, "unknown_site")
+	running = start_bridge(redis_url)
+	wait_for(lambda: running.bridge.connected, 10, message="bridge connected")
+	wait_for(listening(client, FRAPPE_CHANNEL, APP_CHANNEL), 10, message="bridge subscribed")
+
+	with caplog.at_level(logging.WARNING, logger="excel_restaurant_pos.realtime.bridge"):
+		client.publish(FRAPPE_CHANNEL, "{not json")
+		client.publish(FRAPPE_CHANNEL, "[]")
+		client.publish(APP_CHANNEL, app("e", 1, "r", namespace="/excel_restaurant_pos/ghost.local"))
+		client.publish(FRAPPE_CHANNEL, v15("doc_update", {"name": "1"}, "doc:ToDo/1"))
+		client.publish(APP_CHANNEL, app("order:new", {"order_id": "ORD-001"}, "kitchen", namespace="/excel_restaurant_pos/site2.local"))
+		wait_for(lambda: len(running.deliveries) >= 2, 10, message="two deliveries")
+
+	assert running.deliveries == [
+		Delivery(
+			"site1.local", ("/site1.local", "/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default"), "doc:ToDo/1", "doc_update", {"name": "1"}
+		),
+		Delivery("site2.local", ("/excel_restaurant_pos/site2.local",), "kitchen", "order:new", {"order_id": "ORD-001"}),
+	]
+	assert running.bridge.connected
+	assert messages_counted(FRAPPE_CHANNEL, "malformed") - malformed_before == 2
+	assert messages_counted(APP_CHANNEL, "unknown_site") - unknown_before == 1
+	assert "not JSON" in caplog.text
+	assert "unknown site in namespace '/excel_restaurant_pos/ghost.local'" in caplog.text
+
+
+def test_bridge_survives_a_failing_delivery(start_bridge, redis_server, redis_url):
+	client = redis_server.client()
+	running = start_bridge(redis_url)
+	calls: list[Delivery] = []
+
+	def deliver(delivery: Delivery) -> None:
+		calls.append(delivery)
+		if delivery.event == "boom":
+			raise RuntimeError("a client went away mid-emit")
+
+	running.bridge.deliver = deliver
+	wait_for(listening(client, FRAPPE_CHANNEL), 10, message="bridge subscribed")
+
+	client.publish(FRAPPE_CHANNEL, v15("boom", 1, "all"))
+	client.publish(FRAPPE_CHANNEL, v15("after", 2, "all"))
+
+	wait_for(lambda: [delivery.event for delivery in calls] == ["boom", "after"], 10, message="both deliveries")
+	assert running.bridge.connected
+
+
+def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeypatch, caplog):
+	attempts: list[str] = []
+	original = redis.Redis.from_url
+
+	def counting_from_url(url: str, **kwargs: Any) -> redis.Redis:
+		attempts.append(url)
+		return original(url, **kwargs)
+
+	monkeypatch.setattr(redis.Redis, "from_url", counting_from_url)
+	running = start_bridge(own_redis.url)
+	wait_for(lambda: running.bridge.connected, 10, message="bridge connected")
+	wait_for(listening(own_redis.client(), FRAPPE_CHANNEL, APP_CHANNEL), 10, message="bridge subscribed")
+
+	with caplog.at_level(logging.INFO, logger="excel_restaurant_pos.realtime.bridge"):
+		own_redis.stop()
+		wait_for(lambda: not running.bridge.connected, 10, message="bridge to notice the outage")
+		tries = len(attempts)
+		wait_for(lambda: len(attempts) >= tries + 3, 10, message="several reconnection attempts")
+
+		own_redis.start()
+		wait_for(lambda: running.bridge.connected, 10, message="bridge back")
+		client = own_redis.client()
+		wait_for(listening(client, FRAPPE_CHANNEL, APP_CHANNEL), 10, message="bridge subscribed again")
+		client.publish(APP_CHANNEL, app("order:new", {"order_id": "ORD-002"}, "kitchen"))
+		wait_for(lambda: running.deliveries, 10, message="delivery after the outage")
+
+	assert running.deliveries == [
+		Delivery("site1.local", ("/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default"), "kitchen", "order:new", {"order_id": "ORD-002"})
+	]
+	outage_lines = [record for record in caplog.records if "unavailable" in record.getMessage()]
+	assert len(outage_lines) == 1, "an outage is logged once, not once per retry"
+	assert any("is back" in record.getMessage() for record in caplog.records)
+
+
+def test_bridge_reads_frappe_v14_events_from_redis_socketio(start_bridge, redis_server, redis_url, own_redis):
+	queue, socketio = redis_server.client(), own_redis.client()
+	running = start_bridge(redis_url, redis_socketio=own_redis.url)
+	wait_for(lambda: running.bridge.connected, 10, message="bridge connected to both")
+	wait_for(listening(queue, FRAPPE_CHANNEL, APP_CHANNEL), 10, message="queue subscribed")
+	wait_for(listening(socketio, FRAPPE_CHANNEL), 10, message="socketio subscribed")
+	assert socketio.pubsub_numsub(APP_CHANNEL) == [(APP_CHANNEL.encode(), 0)]
+
+	socketio.publish(FRAPPE_CHANNEL, v14("list_update", {"doctype": "ToDo"}, "site2.local:doctype:ToDo"))
+	wait_for(lambda: running.deliveries, 10, message="v14 delivery")
+	assert running.deliveries == [
+		Delivery("site2.local", ("/site2.local", "/excel_restaurant_pos/site2.local"), "doctype:ToDo", "list_update", {"doctype": "ToDo"})
+	]
+
+	own_redis.stop()
+	wait_for(lambda: not running.bridge.connected, 10, message="one Redis down shows as not connected")
