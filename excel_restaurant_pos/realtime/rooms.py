@@ -28,6 +28,8 @@ def app_namespace(site: str) -> str:
 
 def site_of_namespace(namespace: str, sites: tuple[str, ...] | frozenset[str], default_site: str | None) -> str | None:
 	"""The known site a client namespace names, or ``None`` (``/``, unknown sites, junk)."""
+	if not namespace.startswith("/"):
+		return None
 	name = namespace[len(APP_PREFIX) :] if namespace.startswith(APP_PREFIX) else namespace[1:]
 	if namespace.startswith(APP_PREFIX) and name == DEFAULT_ALIAS and default_site:
 		return default_site
@@ -36,8 +38,9 @@ def site_of_namespace(namespace: str, sites: tuple[str, ...] | frozenset[str], d
 
 def namespaces_of_site(site: str, default_site: str | None, *, frappe_events: bool) -> tuple[str, ...]:
 	"""Where an event for ``site`` goes: Frappe events also reach ``/<site>``; app events
-	only the app namespaces. The ``default`` alias is added for the default site."""
-	names = [app_namespace(site)]
+	only the app namespaces. The ``default`` alias is added for the default site; a site
+	literally named ``default`` has no app namespace while the alias names another site."""
+	names = [app_namespace(site)] if site != DEFAULT_ALIAS or default_site in (None, site) else []
 	if site == default_site and site != DEFAULT_ALIAS:
 		names.append(app_namespace(DEFAULT_ALIAS))
 	if frappe_events:
