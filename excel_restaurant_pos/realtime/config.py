@@ -331,7 +331,7 @@ def load_config(
 			raise ConfigError(f"{origin[setting.field]}: invalid value {raw!r} ({exc})") from None
 
 	if bench_path:
-		if "sites" in overrides or "EXCEL_RESTAURANT_POS_SITES" in env:
+		if "sites" in overrides or env.get("EXCEL_RESTAURANT_POS_SITES", "") != "":
 			wanted = parsed["sites"]
 			missing = [site for site in wanted if site not in site_files]
 			if missing:
