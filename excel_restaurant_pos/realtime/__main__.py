@@ -15,6 +15,7 @@ eventlet.monkey_patch()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from excel_restaurant_pos.realtime.config import SETTINGS, ConfigError, load_config  # noqa: E402
@@ -26,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 		description="Bearer-token Socket.IO server for Excel Restaurant POS.",
 	)
 	parser.add_argument("--bench", help="bench folder (default: FRAPPE_BENCH_PATH, else found above the working directory)")
+	parser.add_argument("--dev", action="store_true", help="development: a public secret if none is set, a local Redis if none answers, and a printed token")
 	for setting in SETTINGS:
+		if setting.field == "jwt_secret_key":
+			continue  # secrets stay out of the process list: config file or environment only
 		flag = "--" + setting.field.replace("_", "-")
 		source = f"config key {setting.key}" if setting.key else "config"
 		env = f", env {setting.env}" if setting.env else ""
@@ -36,9 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
 	args = vars(parse_args(argv))
-	bench = args.pop("bench")
+	bench, dev = args.pop("bench"), args.pop("dev")
+	env = dict(os.environ)
+	if dev:
+		from excel_restaurant_pos.realtime import dev as development
+
+		env.setdefault("EXCEL_RESTAURANT_POS_JWT_SECRET", development.DEV_SECRET)
 	try:
-		config = load_config(args, bench=bench)
+		config = load_config(args, bench=bench, env=env)
+		if dev:
+			development.ensure_redis(config.redis_queue)
+			print(development.banner(config), file=sys.stderr)
 	except ConfigError as exc:
 		print(f"excel_restaurant_pos realtime: configuration error: {exc}", file=sys.stderr)
 		return 2

@@ -215,7 +215,9 @@ class RealtimeServer:
 				eio_socket.close(wait=False, abort=False)
 			except Exception:  # a socket that is already broken needs no goodbye
 				pass
-		while time.monotonic() < deadline and any(not s.queue.empty() for s in sockets):
+		# A closed socket's queue keeps only Engine.IO's end-of-queue sentinel once the
+		# ``close`` packet (and whatever was queued before it) has been handed to the client.
+		while time.monotonic() < deadline and any(s.queue.qsize() > 1 for s in sockets):
 			self.sio.sleep(0.05)
 
 
