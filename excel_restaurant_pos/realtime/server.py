@@ -27,7 +27,7 @@ from typing import Any
 import socketio
 
 from excel_restaurant_pos.auth import token_fingerprint
-from excel_restaurant_pos.realtime import events, metrics, rooms
+from excel_restaurant_pos.realtime import events, metrics, rooms, transport
 from excel_restaurant_pos.realtime.bridge import Bridge, Delivery
 from excel_restaurant_pos.realtime.config import Config, ConfigError
 from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused
@@ -53,6 +53,9 @@ class RealtimeServer:
 			logger=False,
 			engineio_logger=False,
 			max_http_buffer_size=config.max_payload,
+		)
+		self.sio.eio._async = transport.engineio_overrides(
+			self.sio.eio._async, config.client_queue_bytes, config.client_queue_packets, self._on_overflow
 		)
 		self.sio_app = socketio.WSGIApp(self.sio)
 		self.clients: dict[str, events.Client] = {}
@@ -146,6 +149,35 @@ class RealtimeServer:
 			self.sio.emit(delivery.event, delivery.message, to=delivery.room, namespace=namespace)
 		metrics.DELIVERIES.inc(len(delivery.namespaces))
 
+	# -- back-pressure --------------------------------------------------------------------
+
+	def _on_overflow(self, queue: Any) -> None:
+		"""Called inside an emit: the cut itself runs on its own, after the emit returns."""
+		self.sio.start_background_task(self.cut_off, queue)
+
+	def cut_off(self, queue: Any) -> None:
+		"""Disconnect, at the transport, the client whose outgoing queue is over the limit."""
+		eio_socket = next((s for s in list(self.sio.eio.sockets.values()) if s.queue is queue), None)
+		if eio_socket is None:
+			return
+		metrics.SLOW_CLIENT_DISCONNECTS.inc()
+		who = [c for c in self.clients.values() if self.sio.manager.eio_sid_from_sid(c.sid, c.namespace) == eio_socket.sid]
+		logger.warning(
+			"slow client cut off: %d bytes in %d packets unsent (limit %d) site=%s user=%s",
+			queue.queued_bytes, queue.qsize(), self.config.client_queue_bytes,
+			who[0].site if who else "-", who[0].user if who else "-",
+		)
+		eio_socket.close(wait=False, abort=True)
+		raw = getattr(eio_socket, "transport_socket", None)
+		if raw is not None:
+			try:
+				raw.shutdown(socket.SHUT_RDWR)  # unblocks a writer stuck on a peer that stopped reading
+			except OSError:
+				pass
+
+	def queued_bytes(self) -> int:
+		return sum(getattr(s.queue, "queued_bytes", 0) for s in list(self.sio.eio.sockets.values()))
+
 	# -- token expiry ---------------------------------------------------------------------
 
 	def sweep_expiry(self, now: float | None = None) -> None:
@@ -163,13 +195,22 @@ class RealtimeServer:
 				client.warned_exp = exp
 				client.emit("auth:expired", {"exp": int(exp)})
 
+	def sweep_slow_clients(self) -> None:
+		"""Cut the clients that stayed over their queue limit for the whole grace period."""
+		too_old = time.monotonic() - self.config.slow_client_seconds
+		for eio_socket in list(self.sio.eio.sockets.values()):
+			since = getattr(eio_socket.queue, "over_since", None)
+			if since is not None and since < too_old:
+				eio_socket.queue.overflow()
+
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
 			self.sio.sleep(SWEEP_INTERVAL)
-			try:
-				self.sweep_expiry()
-			except Exception:
-				logger.exception("expiry sweep failed")
+			for sweep in (self.sweep_expiry, self.sweep_slow_clients):
+				try:
+					sweep()
+				except Exception:
+					logger.exception("%s failed", sweep.__name__)
 
 	# -- HTTP -----------------------------------------------------------------------------
 
@@ -196,6 +237,7 @@ class RealtimeServer:
 	# -- lifecycle ------------------------------------------------------------------------
 
 	def start_background(self) -> None:
+		metrics.QUEUE_BYTES.set_function(self.queued_bytes)
 		self.bridge.start(self.sio.start_background_task)
 		self.sio.start_background_task(self._sweep_forever)
 
