@@ -147,6 +147,14 @@ class RealtimeProcess:
 				return float(value)
 		return 0.0
 
+	def rss_bytes(self) -> int:
+		"""The server's resident memory, from /proc."""
+		assert self.process is not None
+		for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+			if line.startswith("VmRSS:"):
+				return int(line.split()[1]) * 1024
+		raise AssertionError("no VmRSS")
+
 	def log(self) -> str:
 		return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -327,11 +335,13 @@ class JSClients:
 
 	def wait(self, predicate: Callable[[dict], bool], timeout: float = 10.0, what: str = "event") -> dict:
 		deadline = time.monotonic() + timeout
+		index = 0
 		with self._lock:
 			while True:
-				for item in self.events:
-					if predicate(item):
-						return item
+				while index < len(self.events):  # each event is looked at once per wait
+					if predicate(self.events[index]):
+						return self.events[index]
+					index += 1
 				remaining = deadline - time.monotonic()
 				if remaining <= 0:
 					tail = self.events[-10:]

@@ -1,0 +1,316 @@
+"""Faults, load and hostile input: slow readers, limits, floods, oversized payloads, hostile
+tokens, namespaces and room names, while a legitimate client keeps receiving every event."""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+import threading
+import time
+
+import pytest
+import socketio
+import websocket
+from harness import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_connect import token, unsigned_token
+
+from excel_restaurant_pos.realtime import rooms
+
+NS = "/excel_restaurant_pos/default"
+
+
+class StalledClient:
+	"""A websocket client that connects, joins rooms and then never reads again.
+
+	Its receive buffer is tiny, so the server's writes to it block after a few kilobytes.
+	"""
+
+	def __init__(self, port: int, bearer: str, *join: str):
+		self.ws = websocket.create_connection(
+			f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket",
+			timeout=10,
+			sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),),
+		)
+		assert self.ws.recv().startswith("0{")  # Engine.IO open
+		self.ws.send(f"40{NS}," + json.dumps({"token": bearer}))
+		assert self.ws.recv().startswith(f"40{NS},")  # Socket.IO connected
+		for room in join:
+			self.ws.send(f"42{NS}," + json.dumps(["room:join", room]))
+
+	def close(self) -> None:
+		self.ws.sock and self.ws.sock.close()
+
+
+def probe_latencies(js, clients: list[str], count: int) -> list[float]:
+	"""Delivery latency (ms) of every probe at every client."""
+	latencies = []
+	for client in clients:
+		probes = js.received(client, "probe")
+		assert len(probes) == count, (client, len(probes))
+	with js._lock:
+		for item in js.events:
+			if item.get("event") == "probe":
+				latencies.append(item["at"] - item["args"][0]["sent_at"])
+	return latencies
+
+
+def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js, publish):
+	server = realtime(client_queue_bytes=256 * 1024)
+	fast = [f"fast{i}" for i in range(200)]
+	for client in fast:
+		js.send(cmd="connect", id=client, url=server.url + NS, opts={"transports": ["websocket"], "auth": {"token": token(f"u{client}@example.com")}, "reconnection": False})
+	for client in fast:
+		js.wait(lambda item, c=client: item.get("id") == c and item["type"] == "connect", 30, f"{client} to connect")
+	stalled = StalledClient(server.port, token("slow@example.com"), "firehose")
+	wait_for(lambda: server.health()[1]["clients"] == 201, message="all clients connected")
+	rss_before = server.rss_bytes()
+
+	chunk = "x" * 20_000
+	firehose = threading.Thread(target=lambda: [publish.publish_to_room("firehose", "bulk", {"n": n, "data": chunk}) for n in range(2_000)])
+	firehose.start()  # 40 MB for the stalled client alone
+	probes = 0
+	while firehose.is_alive() or probes < 20:
+		publish.publish_event("probe", {"sent_at": time.time() * 1000})
+		probes += 1
+		js.wait(lambda item, n=probes: item.get("id") == fast[-1] and item.get("event") == "probe" and len(js.received(fast[-1], "probe")) >= n, 10, "probe")
+	firehose.join(60)
+	publish.publish_event("fence", None)
+	for client in fast:
+		js.wait_event(client, "fence")
+
+	wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1, 10, message="the slow client to be cut off")
+	wait_for(lambda: server.health()[1]["clients"] == 200, 10, message="the slow client to be gone")
+	latencies = sorted(probe_latencies(js, fast, probes))
+	assert latencies[-1] < 1000, f"max probe latency {latencies[-1]:.0f} ms"
+	grown = server.rss_bytes() - rss_before
+	assert grown < 20 * 1024 * 1024, f"server grew {grown / 1e6:.1f} MB for a client that never read"
+	assert "slow client cut off" in server.log()
+	assert server.metric("excel_pos_realtime_queued_bytes") < 256 * 1024
+	stalled.close()
+
+
+def test_a_burst_that_healthy_clients_drain_does_not_trip_the_limit(realtime, js, publish):
+	server = realtime()
+	js.connect("c", server.url + NS, token=token())
+	for n in range(3_000):  # ~3 MB in a burst: three times the queue limit
+		publish.publish_event("burst", {"n": n, "pad": "y" * 1000})
+	publish.publish_event("fence", None)
+	js.wait_event("c", "fence", timeout=30)
+	assert len(js.received("c", "burst")) == 3_000
+	assert server.metric("excel_pos_realtime_slow_client_disconnects_total") == 0
+
+
+def test_connections_per_user(realtime, js):
+	server = realtime(connections_per_user=2, env={"EXCEL_RESTAURANT_POS_SITES": "default"})
+	bearer = token("waiter@example.com")
+	assert js.connect("a", server.url + NS, token=bearer)["type"] == "connect"
+	assert js.connect("b", server.url + "/default", token=bearer)["type"] == "connect"  # both namespaces count
+	third = js.connect("c", server.url + NS, token=bearer)
+	assert third == {**third, "type": "connect_error", "message": "Too many connections for this user"}
+	assert js.connect("other", server.url + NS, token=token("cook@example.com"))["type"] == "connect"
+	js.disconnect("a")
+	wait_for(lambda: server.health()[1]["clients"] == 2, message="a to leave")
+	assert js.connect("d", server.url + NS, token=bearer)["type"] == "connect"
+
+
+def test_rooms_per_socket(realtime, js):
+	server = realtime(rooms_per_socket=3)
+	js.connect("c", server.url + NS, token=token())
+	for room in ("r1", "r2", "r3"):
+		assert js.emit("c", "room:join", room)[0]["ok"] is True
+	assert js.emit("c", "room:join", "r4")[0]["error"] == "Room limit reached (3 rooms)"
+	assert js.emit("c", "room:join", "r1")[0]["ok"] is True  # already in it: no new room
+	js.emit("c", "room:leave", "r1")
+	assert js.emit("c", "room:join", "r4")[0]["ok"] is True
+
+
+def test_event_flood_is_limited_and_counted(realtime, js, publish):
+	server = realtime(events_per_second=10)
+	js.connect("flood", server.url + NS, token=token("flood@example.com"))
+	js.connect("legit", server.url + NS, token=token("legit@example.com"))
+	for _ in range(300):
+		js.emit_no_ack("flood", "ping")
+	for _ in range(300):
+		js.emit_no_ack("flood", "no:such:event", "x" * 100)
+	assert js.emit("flood", "ping") == [{"ok": False, "error": "Rate limit exceeded"}]
+	publish.publish_event("after", {"ok": 1})
+	assert js.wait_event("legit", "after") == [{"ok": 1}]
+	pongs = len(js.received("flood", "pong"))
+	assert 20 <= pongs <= 40, pongs  # a burst of 2 × 10, plus what refilled meanwhile
+	assert server.metric("excel_pos_realtime_client_events_total", result="rate_limited") >= 500
+	assert server.health()[0] == 200
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_oversized_client_message_closes_only_that_connection(realtime, js, publish, transport):
+	server = realtime(max_payload=100_000)
+	js.connect("big", server.url + NS, token=token("big@example.com"), transport=transport)
+	js.connect("legit", server.url + NS, token=token("legit@example.com"))
+	js.emit_no_ack("big", "order:update", {"room": "kitchen", "order_id": "x" * 200_000, "status": "new"})
+	gone = js.wait(lambda item: item.get("id") == "big" and item["type"] == "disconnect", 10, "the oversized sender to be cut")
+	assert gone["reason"] in ("transport close", "transport error")
+	publish.publish_event("after", {})
+	js.wait_event("legit", "after")
+
+
+def test_hostile_input_never_disturbs_a_legitimate_client(realtime, js, publish):
+	server = realtime()
+	js.connect("legit", server.url + NS, token=token("legit@example.com"))
+	js.emit("legit", "room:join", "kitchen")
+	hostile = [
+		({"Authorization": f"Bearer {unsigned_token({'user': 'Administrator', 'exp': int(time.time()) + 60})}"}, None),
+		({"Authorization": "Bearer " + "e" * 20_000}, None),
+		({"Authorization": "Bearer \u00e9\u00e9.\u00e9.\u00e9"}, None),
+		({}, {"token": {"nested": ["junk"]}}),
+		({}, {"token": 12345}),
+		({}, ["not", "an", "object"]),
+	]
+	for n, (headers, auth) in enumerate(hostile):
+		reply = js.connect(f"h{n}", server.url + NS, headers=headers, auth=auth)
+		assert reply["type"] == "connect_error", reply
+	for n in range(50):
+		publish.publish_to_room("kitchen", "order:new", {"n": n})
+	publish.publish_event("fence", None)
+	js.wait_event("legit", "fence")
+	assert [args[0]["n"] for args in js.received("legit", "order:new")] == list(range(50))
+	assert "Traceback" not in server.log()
+
+
+room_names = st.one_of(
+	st.text(max_size=300),
+	st.text(alphabet=string.printable, min_size=250, max_size=260),
+	st.sampled_from(["all", "website", "user:Administrator", "doc:ToDo/1", "open_doc:x", "doctype:", "task_progress:", ""]),
+	st.integers(),
+	st.none(),
+	st.lists(st.text(max_size=5), max_size=3),
+	st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+def test_hostile_room_names_and_namespaces(realtime, js, publish):
+	"""Property-based: every join gets a well-formed answer, and no namespace but the
+	configured ones is ever entered."""
+	server = realtime()
+	client = socketio.Client(reconnection=False)
+	client.connect(server.url, namespaces=[NS], auth={"token": token("guest@example.com", user_type="Website User")}, transports=["websocket"], wait_timeout=10)
+
+	@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+	@given(room=room_names)
+	def join(room):
+		reply = client.call("room:join", room, namespace=NS, timeout=10)
+		assert set(reply) >= {"ok", "room"}
+		expected = rooms.check_join("guest@example.com", "Website User", room, public_rooms=(), can_ask_frappe=False)
+		assert reply["ok"] is expected.allowed
+		if not reply["ok"]:
+			assert reply["error"] == expected.reason
+
+	@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+	@given(namespace=st.text(alphabet=string.ascii_letters + string.digits + "/._-:%", max_size=60).map(lambda text: "/" + text))
+	def connect(namespace):
+		if namespace in ("/default", NS):
+			return
+		attempt = socketio.Client(reconnection=False)
+		errors = []
+		attempt.on("connect_error", errors.append, namespace=namespace)
+		with pytest.raises(socketio.exceptions.ConnectionError):
+			attempt.connect(server.url, namespaces=[namespace], auth={"token": token()}, transports=["websocket"], wait_timeout=10)
+		assert errors == [{"message": "Invalid namespace"}]
+
+	try:
+		join()
+		connect()
+		assert client.call("ping", namespace=NS, timeout=10)["timestamp"] > 0
+	finally:
+		client.disconnect()
+	assert "Traceback" not in server.log()
+
+
+def test_no_token_is_ever_logged(realtime, js):
+	server = realtime(log_level="DEBUG")
+	good, bad = token("waiter@example.com"), token("waiter@example.com", ttl=-5)
+	js.connect("good", server.url + NS, token=good)
+	js.connect("bad", server.url + NS, token=bad)
+	js.emit("good", "auth:refresh", {"token": good})
+	js.disconnect("good")
+	wait_for(lambda: "disconnected site=default user=waiter@example.com" in server.log(), message="the disconnect line")
+	log = server.log()
+	for secret in (good, bad):
+		for part in secret.split("."):
+			assert part not in log
+	assert "refused namespace=/excel_restaurant_pos/default reason='Unauthorized: token expired' token=" in log
+	assert "connected site=default user=waiter@example.com type=System User" in log
+
+
+def test_soak_with_reconnect_churn(realtime, js, publish, redis_url):
+	"""500 clients, 30 s of mixed app and Frappe traffic while 100 of them reconnect over and
+	over: every client that stayed connected receives every event meant for it, exactly once,
+	and memory does not grow with the churn.
+
+	A closed Engine.IO socket is held for one ping interval (25 s) by its ping task, so memory
+	under churn is "churn rate × 25 s" of closed sockets. The baseline is therefore taken after
+	a warm-up of the same traffic lasting longer than that, and compared with the end of the
+	soak: a leak shows as growth between the two; the steady cost of churn does not."""
+	import redis
+
+	server = realtime()
+	steady = [f"s{i}" for i in range(400)]
+	churners = [f"c{i}" for i in range(100)]
+	for n, client in enumerate(steady):
+		js.send(cmd="connect", id=client, url=server.url + NS, opts={"transports": ["websocket" if n % 4 else "polling"], "auth": {"token": token(f"{client}@example.com")}, "reconnection": False})
+	for client in steady:
+		js.wait(lambda item, c=client: item.get("id") == c and item["type"] == "connect", 60, f"{client} to connect")
+	for n, client in enumerate(steady):
+		js.send(cmd="emit", id=client, event="room:join", args=[f"table:{n % 10}"], ack=False)
+	for client in steady:
+		js.wait(lambda item, c=client: item.get("id") == c and item.get("event") == "room:joined", 30, f"{client} to join")
+
+	frappe = redis.Redis.from_url(redis_url)
+	expected = {f"table:{n}": 0 for n in range(10)}
+	counts = {"broadcasts": 0, "rounds": 0}
+
+	def traffic_with_churn(seconds: float) -> None:
+		stop = time.monotonic() + seconds
+		while time.monotonic() < stop:
+			for n in range(10):
+				room = f"table:{n}"
+				publish.publish_to_room(room, "order:new", {"room": room, "seq": expected[room]})
+				expected[room] += 1
+			body = {"event": "list_update", "message": {"seq": counts["broadcasts"]}, "room": None, "namespace": "default"}
+			frappe.publish("events", json.dumps(body, indent=1, sort_keys=True))
+			counts["broadcasts"] += 1
+			generation = counts["rounds"] = counts["rounds"] + 1
+			for client in churners:
+				js.send(cmd="connect", id=f"{client}-{generation}", url=server.url + NS, opts={"transports": ["websocket"], "auth": {"token": token(f"{client}@example.com")}, "reconnection": False})
+			for client in churners:
+				js.wait(lambda item, c=f"{client}-{generation}": item.get("id") == c and item["type"] in ("connect", "connect_error"), 30, "churn connect")
+				js.send(cmd="emit", id=f"{client}-{generation}", event="room:join", args=["table:0"], ack=False)
+			for client in churners:
+				js.disconnect(f"{client}-{generation}")
+
+	traffic_with_churn(27)
+	rss_before = server.rss_bytes()
+	traffic_with_churn(30)
+	rss_after = server.rss_bytes()
+
+	publish.publish_event("fence", None)
+	for client in steady:
+		js.wait_event(client, "fence", timeout=60)
+	for n, client in enumerate(steady):
+		room = f"table:{n % 10}"
+		orders = [args[0]["seq"] for args in js.received(client, "order:new")]
+		assert orders == list(range(expected[room])), (client, len(orders), expected[room])
+		updates = [args[0]["seq"] for args in js.received(client, "list_update")]
+		assert updates == list(range(counts["broadcasts"])), (client, len(updates), counts["broadcasts"])
+	wait_for(lambda: server.health()[1]["clients"] == 400, 30, message="churned clients to leave")
+
+	grown = rss_after - rss_before
+	print(
+		f"soak: {counts['rounds']} churn rounds of 100 connections, {sum(expected.values())} room events, "
+		f"{counts['broadcasts']} broadcasts to 400 clients; RSS {rss_before / 1e6:.1f} MB after warm-up, "
+		f"{rss_after / 1e6:.1f} MB after the soak"
+	)
+	assert grown < 16 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB over the soak"
+	assert "Traceback" not in server.log()
