@@ -32,6 +32,7 @@ from excel_restaurant_pos.realtime.bridge import Bridge, Delivery
 from excel_restaurant_pos.realtime.config import Config, ConfigError
 from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
+from excel_restaurant_pos.realtime.manager import IndexedManager
 
 logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
@@ -48,6 +49,7 @@ class RealtimeServer:
 		self.auth = Authenticator(config, self.frappe_api)
 		self.sio = socketio.Server(
 			async_mode="eventlet",
+			client_manager=IndexedManager(),
 			namespaces="*",
 			cors_allowed_origins="*",  # origins are checked at connect, with a clear refusal
 			logger=False,
