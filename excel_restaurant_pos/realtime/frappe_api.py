@@ -9,6 +9,7 @@ Frappe delays only the client that waits for it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,11 @@ from excel_restaurant_pos.realtime.config import Config
 
 SOCKET_SECRET_KEY = "socketio_auth_secret"
 SOCKET_SECRET_TTL = 60.0
+#: After a failed read the secret is tried again this soon, not a minute later.
+SOCKET_SECRET_RETRY = 2.0
+#: Calls to Frappe in flight at once; a connection storm queues here instead of opening a
+#: connection to Frappe per client.
+MAX_CONCURRENT_CALLS = 64
 logger = logging.getLogger(__name__)
 
 
@@ -33,26 +39,38 @@ class FrappeAPI:
 		self.redis_url = config.redis_queue
 		self.session = requests.Session()
 		self.session.trust_env = False  # a proxy from the environment must not see tokens
-		self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
-		self.session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=64))
-		self._secret: tuple[str | None, float] = (None, 0.0)
+		self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=MAX_CONCURRENT_CALLS))
+		self.session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=MAX_CONCURRENT_CALLS))
+		self._calls = threading.BoundedSemaphore(MAX_CONCURRENT_CALLS)
+		self._redis: Any = None
+		self._secret_lock = threading.Lock()
+		self._secret: tuple[str | None, float] = (None, float("-inf"))
 		#: Per site: does Frappe have ``frappe.realtime.has_permission``? Learned from answers.
 		self._has_permission_method: dict[str, bool] = {}
 
 	def socket_secret(self) -> str | None:
-		"""Newest Frappe's ``socketio_auth_secret`` from the queue Redis, re-read every minute."""
-		value, read_at = self._secret
-		if time.monotonic() - read_at < SOCKET_SECRET_TTL:
-			return value
-		import redis
+		"""Newest Frappe's ``socketio_auth_secret`` from the queue Redis, re-read every minute.
 
-		try:
-			raw = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1).get(SOCKET_SECRET_KEY)
-			value = raw.decode() if isinstance(raw, bytes) else raw
-		except redis.RedisError as exc:
-			logger.warning("cannot read %s from redis: %s", SOCKET_SECRET_KEY, exc)
-		self._secret = (value, time.monotonic())
-		return value
+		One read at a time: the clients of a connection storm wait for that read instead of
+		each opening its own Redis connection.
+		"""
+		with self._secret_lock:
+			value, fresh_until = self._secret
+			if time.monotonic() < fresh_until:
+				return value
+			import redis
+
+			try:
+				if self._redis is None:
+					self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1)
+				raw = self._redis.get(SOCKET_SECRET_KEY)
+				value = raw.decode() if isinstance(raw, bytes) else raw
+				fresh_until = time.monotonic() + SOCKET_SECRET_TTL
+			except redis.RedisError as exc:
+				logger.warning("cannot read %s from redis (keeping the last value): %s", SOCKET_SECRET_KEY, exc)
+				fresh_until = time.monotonic() + SOCKET_SECRET_RETRY
+			self._secret = (value, fresh_until)
+			return value
 
 	def headers(self, site: str, token: str) -> dict[str, str]:
 		headers = {
@@ -67,19 +85,28 @@ class FrappeAPI:
 		return headers
 
 	def call(self, site: str, token: str, method: str, params: dict[str, Any] | None = None) -> requests.Response:
-		"""GET ``/api/method/<method>`` as the token's user; ``FrappeError`` when unreachable."""
+		"""GET ``/api/method/<method>`` as the token's user; ``FrappeError`` when unreachable.
+
+		The whole call, waiting for a free slot included, is bounded by ``frappe_timeout``.
+		"""
+		started = time.monotonic()
+		if not self._calls.acquire(timeout=self.timeout):
+			raise FrappeError(f"Frappe did not answer within {self.timeout:g} s")
 		try:
+			left = max(0.1, self.timeout - (time.monotonic() - started))
 			return self.session.get(
 				f"{self.base_url}/api/method/{method}",
 				params=params,
 				headers=self.headers(site, token),
-				timeout=(min(self.timeout, 3.0), self.timeout),
+				timeout=(min(left, 3.0), left),
 				allow_redirects=False,
 			)
 		except requests.Timeout:
 			raise FrappeError(f"Frappe did not answer within {self.timeout:g} s") from None
 		except requests.RequestException as exc:
 			raise FrappeError(f"Frappe unreachable ({type(exc).__name__})") from None
+		finally:
+			self._calls.release()
 
 	def get_user_info(self, site: str, token: str) -> dict[str, Any]:
 		"""``frappe.realtime.get_user_info`` for the token: ``{user, user_type, installed_apps}``."""
