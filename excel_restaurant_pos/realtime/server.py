@@ -261,7 +261,18 @@ class RealtimeServer:
 				pass
 		# A closed socket's queue keeps only Engine.IO's end-of-queue sentinel once the
 		# ``close`` packet (and whatever was queued before it) has been handed to the client.
-		while time.monotonic() < deadline and any(s.queue.qsize() > 1 for s in sockets):
+		# Clients whose connection is already dead never take theirs, so stop waiting once
+		# half a second passes without any queue draining.
+		unsent, stalled_since = None, time.monotonic()
+		while time.monotonic() < deadline:
+			now_unsent = sum(1 for s in sockets if s.queue.qsize() > 1)
+			if not now_unsent:
+				break
+			if now_unsent != unsent:
+				unsent, stalled_since = now_unsent, time.monotonic()
+			elif time.monotonic() - stalled_since > 0.5:
+				logger.info("shutting down: %d clients did not take their close packet", unsent)
+				break
 			self.sio.sleep(0.05)
 
 
