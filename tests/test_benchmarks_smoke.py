@@ -1,0 +1,32 @@
+"""The benchmark runner still works end to end: a small S1 and a small jwt storm, for the
+product and the Node reference, with no lost deliveries and no failed connects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from harness import REPO
+
+
+def test_quick_benchmark_runs_for_both_servers():
+	result = subprocess.run(
+		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S3j"],
+		cwd=REPO,
+		capture_output=True,
+		text=True,
+		timeout=600,
+	)
+	assert result.returncode == 0, result.stderr[-3000:]
+	path = REPO / result.stdout.strip().splitlines()[-1].removeprefix("full results: ")
+	cases = json.loads(path.read_text())["results"]
+	for scenario in ("S1", "S3j"):
+		for server in ("product", "reference"):
+			(case,) = cases[scenario][server]
+			assert "error" not in case, (scenario, server, case.get("error"))
+			assert case["connect"]["failed"] == 0, (scenario, server)
+			assert case["exit_code"] == 0, (scenario, server)
+	s1 = cases["S1"]["product"][0]["deliveries"]
+	assert s1["received"] == s1["expected"] > 0
+	assert cases["S1"]["reference"][0]["deliveries"]["lost"] == 0
