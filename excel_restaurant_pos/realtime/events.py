@@ -168,35 +168,10 @@ def leave_reply(client: Client, room: Any) -> dict[str, Any]:
 	return room_reply(client, room, client.leave(room), "room:left")
 
 
-def _doc_args(args: tuple) -> tuple[str, str] | None:
-	doctype, docname = arg(args, 0), arg(args, 1)
-	if isinstance(doctype, str) and doctype and isinstance(docname, (str, int)) and str(docname):
-		return doctype, str(docname)
-	return None
-
-
-@on("doctype_subscribe")
-def doctype_subscribe(client: Client, *args: Any) -> dict[str, Any]:
-	doctype = arg(args, 0)
-	return join_reply(client, rooms.doctype_room(doctype) if isinstance(doctype, str) and doctype else None)
-
-
-@on("doctype_unsubscribe")
-def doctype_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
-	doctype = arg(args, 0)
-	return leave_reply(client, rooms.doctype_room(doctype) if isinstance(doctype, str) else None)
-
-
-@on("doc_subscribe")
-def doc_subscribe(client: Client, *args: Any) -> dict[str, Any]:
-	doc = _doc_args(args)
-	return join_reply(client, rooms.doc_room(*doc) if doc else None)
-
-
-@on("doc_unsubscribe")
-def doc_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
-	doc = _doc_args(args)
-	return leave_reply(client, rooms.doc_room(*doc) if doc else None)
+def _names(args: tuple, count: int) -> tuple[str, ...] | None:
+	"""The first ``count`` arguments as non-empty names (numbers allowed), else ``None``."""
+	names = tuple(str(value) for value in args[:count] if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value))
+	return names if len(names) == count else None
 
 
 def announce_viewers(client: Client, doctype: str, docname: str) -> None:
@@ -206,35 +181,33 @@ def announce_viewers(client: Client, doctype: str, docname: str) -> None:
 	client.emit_to_room(room, "doc_viewers", payload, include_self=True)
 
 
-@on("doc_open")
-def doc_open(client: Client, *args: Any) -> dict[str, Any]:
-	doc = _doc_args(args)
-	reply = join_reply(client, rooms.open_doc_room(*doc) if doc else None)
-	if reply["ok"]:
-		announce_viewers(client, *doc)
-	return reply
+def _subscription(event: str, count: int, room_of: Callable[..., str], reply: Callable[[Client, Any], dict], announce: bool) -> Handler:
+	"""A Frappe (un)subscribe event: names in, one room joined or left, and for open
+	documents the new list of viewers."""
+
+	def handler(client: Client, *args: Any) -> dict[str, Any]:
+		names = _names(args, count)
+		if names is None:
+			return room_reply(client, None, f"{event} expects {count} name{'s' if count > 1 else ''}", "room:joined")
+		answer = reply(client, room_of(*names))
+		if announce and answer["ok"]:
+			announce_viewers(client, *names)
+		return answer
+
+	return handler
 
 
-@on("doc_close")
-def doc_close(client: Client, *args: Any) -> dict[str, Any]:
-	doc = _doc_args(args)
-	reply = leave_reply(client, rooms.open_doc_room(*doc) if doc else None)
-	if reply["ok"]:
-		announce_viewers(client, *doc)
-	return reply
-
-
-@on("task_subscribe")
-@on("progress_subscribe")
-def task_subscribe(client: Client, *args: Any) -> dict[str, Any]:
-	task_id = arg(args, 0)
-	return join_reply(client, rooms.task_room(str(task_id)) if isinstance(task_id, (str, int)) and str(task_id) else None)
-
-
-@on("task_unsubscribe")
-def task_unsubscribe(client: Client, *args: Any) -> dict[str, Any]:
-	task_id = arg(args, 0)
-	return leave_reply(client, rooms.task_room(str(task_id)) if isinstance(task_id, (str, int)) else None)
+#: Frappe's events: (subscribe, unsubscribe, how many names, the room they name, announce viewers).
+FRAPPE_SUBSCRIPTIONS = (
+	("doctype_subscribe", "doctype_unsubscribe", 1, rooms.doctype_room, False),
+	("doc_subscribe", "doc_unsubscribe", 2, rooms.doc_room, False),
+	("doc_open", "doc_close", 2, rooms.open_doc_room, True),
+	("task_subscribe", "task_unsubscribe", 1, rooms.task_room, False),
+)
+for _subscribe, _unsubscribe, _count, _room_of, _announce in FRAPPE_SUBSCRIPTIONS:
+	on(_subscribe)(_subscription(_subscribe, _count, _room_of, join_reply, _announce))
+	on(_unsubscribe)(_subscription(_unsubscribe, _count, _room_of, leave_reply, _announce))
+on("progress_subscribe")(HANDLERS["task_subscribe"])
 
 
 @on("auth:refresh")
