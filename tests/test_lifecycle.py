@@ -3,6 +3,7 @@ client back to its own reconnect logic."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -139,3 +140,40 @@ def test_handlers_import_without_eventlet_or_socketio():
 	code = "import sys; import excel_restaurant_pos.realtime.handlers; print(sorted(m for m in ('eventlet', 'socketio', 'frappe', 'redis') if m in sys.modules))"
 	result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
 	assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_listens_on_a_unix_socket(tmp_path, redis_url):
+	"""Behind nginx on the same host: ``excel_restaurant_pos_socketio_uds``."""
+	import http.client
+	import json as jsonlib
+
+	path = tmp_path / "realtime.sock"
+	env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXCEL_RESTAURANT_POS_")}, "EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 40}
+	process = subprocess.Popen(
+		[sys.executable, "-m", "excel_restaurant_pos.realtime", "--uds", str(path), "--redis-queue", redis_url],
+		cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+	)
+
+	class UnixConnection(http.client.HTTPConnection):
+		def connect(self):
+			self.sock = socket.socket(socket.AF_UNIX)
+			self.sock.connect(str(path))
+
+	def health():
+		try:
+			connection = UnixConnection("localhost", timeout=2)
+			connection.request("GET", "/health")
+			response = connection.getresponse()
+			return response.status, jsonlib.loads(response.read())
+		except OSError:
+			return None
+
+	try:
+		wait_for(lambda: (health() or (None,))[0] == 200, 15, message="a healthy server on the unix socket")
+		assert health() == (200, {"status": "ok", "redis": "up", "clients": 0})
+		connection = UnixConnection("localhost", timeout=2)
+		connection.request("GET", "/socket.io/?EIO=4&transport=polling")
+		assert connection.getresponse().read().startswith(b"0{")  # an Engine.IO handshake
+	finally:
+		process.terminate()
+		assert process.wait(15) == 0
