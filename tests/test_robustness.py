@@ -314,3 +314,17 @@ def test_soak_with_reconnect_churn(realtime, js, publish, redis_url):
 	)
 	assert grown < 16 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB over the soak"
 	assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_idle_clients_stay_through_many_pings_and_silent_ones_are_closed(realtime, js, publish, transport):
+	server = realtime(ping_interval=0.5, ping_timeout=1)
+	js.connect("idle", server.url + NS, token=token("idle@example.com"), transport=transport)
+	silent = StalledClient(server.port, token("silent@example.com"))  # never answers a ping
+	wait_for(lambda: server.health()[1]["clients"] == 1, 10, message="the silent client to be closed")
+	# six pings answered: three seconds, twice what a ping interval and timeout add up to
+	js.wait(lambda item: item.get("id") == "idle" and item["type"] == "ping" and sum(1 for e in js.events if e.get("type") == "ping") >= 6, 10, "six pings")
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+	publish.publish_event("still:here", {})
+	assert js.wait_event("idle", "still:here") == [{}]
+	silent.close()

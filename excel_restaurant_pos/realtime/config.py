@@ -145,6 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
 	_limit("auth_cache_seconds", _as_float, "how long a verified token is remembered"),
 	_limit("frappe_timeout", _as_float, "seconds a call to Frappe may take"),
 	_limit("shutdown_grace", _as_float, "seconds a shutdown may take"),
+	_limit("ping_interval", _as_float, "seconds between Engine.IO pings"),
+	_limit("ping_timeout", _as_float, "seconds to wait for a pong before closing"),
 	_limit("websocket_compression", _as_bool, "accept permessage-deflate"),
 	_limit("max_connections", _as_int, "concurrent HTTP/websocket connections"),
 	_limit("log_level", str, "logging level"),
@@ -176,6 +178,8 @@ DEFAULTS: dict[str, Any] = {
 	"auth_cache_seconds": 30.0,
 	"frappe_timeout": 5.0,
 	"shutdown_grace": 10.0,
+	"ping_interval": 25.0,
+	"ping_timeout": 20.0,
 	"websocket_compression": False,
 	"max_connections": 20_000,
 	"log_level": "INFO",
@@ -216,6 +220,8 @@ class Config:
 	auth_cache_seconds: float
 	frappe_timeout: float
 	shutdown_grace: float
+	ping_interval: float
+	ping_timeout: float
 	websocket_compression: bool
 	max_connections: int
 	log_level: str

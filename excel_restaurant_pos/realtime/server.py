@@ -55,6 +55,8 @@ class RealtimeServer:
 			logger=False,
 			engineio_logger=False,
 			max_http_buffer_size=config.max_payload,
+			ping_interval=config.ping_interval,
+			ping_timeout=config.ping_timeout,
 		)
 		self.sio.eio._async = transport.engineio_overrides(
 			self.sio.eio._async, config.client_queue_bytes, config.client_queue_packets, self._on_overflow

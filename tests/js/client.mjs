@@ -17,6 +17,7 @@ function connect({ id, url, opts, version }) {
 	socket.on("connect_error", (err) => out({ id, type: "connect_error", message: err.message, data: err.data ?? null }));
 	socket.on("disconnect", (reason) => out({ id, type: "disconnect", reason }));
 	socket.io.on("reconnect", (attempt) => out({ id, type: "reconnect", attempt }));
+	socket.io.on("ping", () => out({ id, type: "ping" }));
 	socket.onAny((event, ...args) => out({ id, type: "event", event, args, at: Date.now() }));
 }
 
