@@ -126,9 +126,12 @@ def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on
 			owner = getattr(handler, "__self__", None)
 
 			def run(websocket: Any) -> Any:
-				if owner is not None and isinstance(websocket, RFC6455WebSocket):
+				if isinstance(websocket, RFC6455WebSocket):
 					owner.queue.owner, owner.queue.websocket = owner, websocket
-				return handler(websocket)
+				try:
+					return handler(websocket)
+				finally:  # the connection is over, or its upgrade failed and polling goes on
+					owner.queue.websocket = None
 
 			super().__init__(run if owner is not None else handler, server)
 			self.owner = owner
