@@ -3,13 +3,27 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-here = Path(__file__).parent
+here = Path(__file__).resolve().parent
 version = re.search(r'^__version__ = "([^"]+)"', (here / "excel_restaurant_pos" / "__init__.py").read_text(), re.M)[1]
-requirements = [
-	line.strip()
-	for line in (here / "requirements.txt").read_text().splitlines()
-	if line.strip() and not line.startswith("#")
-]
+
+#: Frappe installs these itself, at the versions it pins. bench installs apps with --upgrade
+#: (uv then takes the newest version a range allows), so inside a bench they are left to
+#: Frappe: any range of ours would move its pin. Everywhere else they are ours to install.
+FRAPPE_PROVIDES = {"redis", "requests", "pyjwt"}
+
+
+def in_a_bench() -> bool:
+	"""``bench get-app`` clones an app into ``<bench>/apps/<app>``."""
+	return (here.parent.parent / "sites" / "common_site_config.json").is_file()
+
+
+def requirements() -> list[str]:
+	lines = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()]
+	wanted = [line for line in lines if line and not line.startswith("#")]
+	if in_a_bench():
+		wanted = [line for line in wanted if re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower() not in FRAPPE_PROVIDES]
+	return wanted
+
 
 setup(
 	name="excel_restaurant_pos",
@@ -23,5 +37,5 @@ setup(
 	packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "benchmarks.*")),
 	include_package_data=True,
 	zip_safe=False,
-	install_requires=requirements,
+	install_requires=requirements(),
 )
