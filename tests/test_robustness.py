@@ -139,7 +139,7 @@ def test_event_flood_is_limited_and_counted(realtime, js, publish):
 	publish.publish_event("after", {"ok": 1})
 	assert js.wait_event("legit", "after") == [{"ok": 1}]
 	pongs = len(js.received("flood", "pong"))
-	assert 20 <= pongs <= 40, pongs  # a burst of 2 × 10, plus what refilled meanwhile
+	assert 20 <= pongs <= 60, pongs  # of 300: a burst of 2 × 10, plus 10/s refilled while the flood lasted
 	assert server.metric("excel_pos_realtime_client_events_total", result="rate_limited") >= 500
 	assert server.health()[0] == 200
 
