@@ -85,10 +85,11 @@ def test_sigterm_hands_clients_back_to_their_reconnect_logic(realtime, js, publi
 	second = realtime(port=port)  # the replacement process on the same port
 	for transport in ("websocket", "polling"):
 		js.wait(lambda item, t=transport: item.get("id") == t and item["type"] == "reconnect", 15, f"{transport} reconnect")
+	# "reconnect" is the transport; the namespace connect (and its token check) follows it
+	wait_for(lambda: second.health()[1]["clients"] == 2, 10, message="both clients back on the new server")
 	publish.publish_event("order:new", {"after": "restart"})
 	for transport in ("websocket", "polling"):
 		assert js.wait_event(transport, "order:new") == [{"after": "restart"}]
-	assert second.health()[1]["clients"] == 2
 
 
 def test_bad_configuration_stops_start_up_with_one_clear_line(tmp_path):
