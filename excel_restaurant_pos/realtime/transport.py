@@ -45,6 +45,7 @@ def packet_size(packet: Any) -> int:
 def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on_overflow: Callable[[Any], None]) -> dict:
 	"""A copy of Engine.IO's eventlet driver table with the bounded queue and the websocket
 	wrapper in place; Engine.IO builds each client's queue and websocket from this table."""
+	import eventlet
 	from eventlet.websocket import RFC6455WebSocket
 
 	queue_class = async_drivers["queue"]
@@ -109,7 +110,7 @@ def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on
 			if sent == len(frame):
 				websocket._sendlock.release()
 			else:
-				spawn_after_hub(finish_frame, websocket, memoryview(frame)[sent:])
+				eventlet.spawn(finish_frame, websocket, memoryview(frame)[sent:])
 			return True
 
 		def overflow(self) -> None:
@@ -164,8 +165,3 @@ def finish_frame(websocket: Any, rest: memoryview) -> None:
 	finally:
 		websocket._sendlock.release()
 
-
-def spawn_after_hub(function: Callable[..., Any], *args: Any) -> None:
-	import eventlet
-
-	eventlet.spawn(function, *args)
