@@ -69,14 +69,10 @@ def token_from(environ: Mapping[str, Any], auth: Any) -> str:
 	if not isinstance(value, str) or not value.strip():
 		raise Refused(BAD_HEADER, "bad_header")
 	value = value.strip()
-	if value.split(" ", 1)[0].lower() == "bearer":
-		token = bearer_token(value)
-		if token is None:
-			raise Refused(BAD_HEADER, "bad_header")
-		return token
-	if " " in value:
+	token = bearer_token(value) if value.split(" ", 1)[0].lower() == "bearer" else value
+	if token is None or " " in token:
 		raise Refused(BAD_HEADER, "bad_header")
-	return value
+	return token
 
 
 def check_origin(environ: Mapping[str, Any], allowed: tuple[str, ...] | None) -> None:

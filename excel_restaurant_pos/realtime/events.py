@@ -213,6 +213,8 @@ on("progress_subscribe")(HANDLERS["task_subscribe"])
 @on("auth:refresh")
 def auth_refresh(client: Client, *args: Any) -> dict[str, Any]:
 	"""Swap a live connection's token for a fresh one of the same user and site."""
+	# Imported here, not at the top: handlers.py imports this module, and newer Frappe imports
+	# handlers.py into its own process, where the connect pipeline (and its metrics) has no place.
 	from excel_restaurant_pos.realtime.connect import Refused, token_from
 
 	data = arg(args, 0)

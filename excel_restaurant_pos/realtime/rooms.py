@@ -64,6 +64,12 @@ def open_doc_room(doctype: str, docname: str) -> str:
 	return f"open_doc:{doctype}/{docname}"
 
 
+def document_of(room: str) -> tuple[str, str]:
+	"""``(doctype, docname)`` of a ``doc:`` or ``open_doc:`` room (empty where it names none)."""
+	doctype, _, docname = room.partition(":")[2].partition("/")
+	return doctype, docname
+
+
 def task_room(task_id: str) -> str:
 	return f"task_progress:{task_id}"
 
@@ -126,8 +132,8 @@ def _frappe_room(room: str, can_ask_frappe: bool) -> Decision:
 	if kind == "doctype":
 		doctype, docname = rest, None
 	else:
-		doctype, slash, docname = rest.partition("/")
-		if not slash or not docname:
+		doctype, docname = document_of(room)
+		if not docname:
 			return Decision("deny", f"Room '{room}' must name a document as {kind}:<doctype>/<name>")
 	if not doctype:
 		return Decision("deny", f"Room '{room}' names no doctype")

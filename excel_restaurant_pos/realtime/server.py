@@ -30,7 +30,7 @@ from excel_restaurant_pos.auth import token_fingerprint
 from excel_restaurant_pos.realtime import events, metrics, rooms, transport
 from excel_restaurant_pos.realtime.bridge import Bridge, Delivery
 from excel_restaurant_pos.realtime.config import Config, ConfigError
-from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused
+from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused, token_from
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
 from excel_restaurant_pos.realtime.manager import IndexedManager
 
@@ -76,10 +76,8 @@ class RealtimeServer:
 	# -- connect flow ---------------------------------------------------------------------
 
 	def on_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
-		token = None
 		try:
 			identity = self.auth.identify(namespace, environ, auth)
-			token = identity.token
 			key = (identity.site, identity.user)
 			if self.user_connections[key] >= self.config.connections_per_user:
 				raise Refused(TOO_MANY_CONNECTIONS, "too_many_connections")
@@ -96,7 +94,7 @@ class RealtimeServer:
 		metrics.CONNECTIONS.labels(identity.site).inc()
 		logger.info(
 			"connected site=%s user=%s type=%s namespace=%s sid=%s token=%s",
-			identity.site, identity.user, identity.user_type, namespace, sid, token_fingerprint(token),
+			identity.site, identity.user, identity.user_type, namespace, sid, token_fingerprint(identity.token),
 		)
 
 	def on_disconnect(self, namespace: str, sid: str, reason: Any = None) -> None:
@@ -111,8 +109,7 @@ class RealtimeServer:
 		open_docs = [room for room in client.joined if room.startswith("open_doc:")]
 		for room in open_docs:
 			self.sio.leave_room(sid, room, namespace=namespace)
-			doctype, _, docname = room[len("open_doc:") :].partition("/")
-			events.announce_viewers(client, doctype, docname)
+			events.announce_viewers(client, *rooms.document_of(room))
 		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
 
 	# -- client events --------------------------------------------------------------------
@@ -286,8 +283,6 @@ def _respond(start_response: Any, code: int, body: bytes, content_type: str) -> 
 
 def _fingerprint(environ: dict, auth: Any) -> str:
 	"""A token's fingerprint for a refusal log line, when there is a token at all."""
-	from excel_restaurant_pos.realtime.connect import token_from
-
 	try:
 		return f" token={token_fingerprint(token_from(environ, auth))}"
 	except Refused:
