@@ -61,3 +61,47 @@ def test_disconnect_leaves_only_the_clients_rooms():
 	assert "user:7" not in manager.rooms["/site1"] and "s7" not in manager.rooms["/site1"][None]
 	assert sorted(manager.get_rooms("s8", "/site1")) == ["s8", "user:8"]
 	assert len(manager.client_rooms) == 999
+
+
+def queued_after_emits(manager: socketio.Manager, emits, closed: set[str]) -> dict[str, list]:
+	"""Emit through ``manager`` on a server with real Engine.IO sockets; return, per client,
+	the encoded packets put on its queue."""
+	import engineio.socket
+
+	server = socketio.Server(client_manager=manager, async_mode="threading")
+	sockets = {}
+	for n, sid in enumerate(SIDS):
+		eio_sid = "eio-" + sid
+		server.eio.sockets[eio_sid] = sockets[eio_sid] = eio_socket = engineio.socket.Socket(server.eio, eio_sid)
+		eio_socket.closed = eio_sid in closed
+		for namespace in NAMESPACES:
+			manager.basic_enter_room(sid + namespace, namespace, None, eio_sid=eio_sid)
+			manager.basic_enter_room(sid + namespace, namespace, ["kitchen", "bar"][n % 2])
+	for event, data, namespace, room in emits:
+		server.emit(event, data, to=room, namespace=namespace)
+	queued = {}
+	for eio_sid, eio_socket in sockets.items():
+		packets = []
+		while not eio_socket.queue.empty():
+			packets.append(eio_socket.queue.get_nowait().encode())
+		queued[eio_sid] = packets
+	return queued
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+	emits=st.lists(
+		st.tuples(
+			st.sampled_from(["order:new", "list_update"]),
+			st.one_of(st.none(), st.text(max_size=5), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.lists(st.integers(), max_size=2)),
+			st.sampled_from(NAMESPACES + ["/nobody"]),
+			st.sampled_from([None, "kitchen", "bar", "nowhere", ["kitchen", "bar"]]),
+		),
+		max_size=8,
+	),
+	closed=st.sets(st.sampled_from(["eio-" + sid for sid in SIDS])),
+)
+def test_emit_puts_what_python_socketio_puts(emits, closed):
+	"""The short emit path hands each open client the packets python-socketio's own manager
+	would, in the same order, and nothing to a closed one."""
+	assert queued_after_emits(IndexedManager(), emits, closed) == queued_after_emits(socketio.Manager(), emits, closed)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import socketio
+from engineio import packet as eio_packet
+from socketio import packet
 
 
 class _SidSet(set):
@@ -48,6 +50,25 @@ class IndexedManager(socketio.Manager):
 			rooms.discard(room)
 			if not rooms:
 				del self.client_rooms[(namespace, sid)]
+
+	def emit(self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None, callback: Any = None, to: Any = None, **kwargs: Any) -> None:
+		"""As python-socketio's, with a shorter path for what the bridge sends: an event with
+		one argument, no acknowledgement and no one skipped. Its packet is built once and put
+		straight on each client's Engine.IO queue, skipping per client the three calls between
+		(and the arguments of a log call that is off) that make up a third of the time the
+		process spends on a delivery that is not the ``send()`` itself."""
+		if callback is not None or skip_sid is not None or isinstance(data, tuple) or namespace not in self.rooms:
+			return super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs)
+		args = [event] if data is None else [event, data]
+		encoded = self.server.packet_class(packet.EVENT, namespace=namespace, data=args).encode()
+		eio_packets = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in (encoded if isinstance(encoded, list) else [encoded])]
+		sockets = self.server.eio.sockets
+		for _sid, eio_sid in self.get_participants(namespace, to or room):
+			eio_socket = sockets.get(eio_sid)
+			if eio_socket is None or eio_socket.closed:
+				continue
+			for eio_pkt in eio_packets:
+				eio_socket.queue.put(eio_pkt)
 
 	def get_rooms(self, sid: str, namespace: str) -> list[Any]:
 		return [room for room in self.client_rooms.get((namespace, sid), ()) if room is not None]
