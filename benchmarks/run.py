@@ -1,9 +1,10 @@
 """Benchmarks of the realtime server against a Node reference server.
 
-    /tmp/venv/bin/python benchmarks/run.py [--quick] [--scenarios S1,S2] [--repeat 3]
+    bash scripts/bench [--quick] [--scenarios S1,S2] [--repeat 3] [--servers product,reference,baseline]
 
 For every scenario and every repetition it starts a fresh Redis and a fresh server (the
-product, then the reference), connects the clients with ``benchmarks/loadgen``, publishes
+product, then the reference, then with ``--servers ...,baseline`` a straightforward
+python-socketio server), connects the clients with ``benchmarks/loadgen``, publishes
 events through Redis in Frappe's and the app's wire formats, and reads the server's CPU time
 and memory from /proc. It prints a markdown table of medians and writes every figure to
 ``benchmarks/results/<timestamp>.json``. Everything runs on 127.0.0.1; every process it starts
@@ -49,7 +50,10 @@ EVENT = "bench_tick"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOADGEN = HERE / "loadgen" / "loadgen.mjs"
 REFERENCE = HERE / "reference" / "server.mjs"
+BASELINE = HERE / "baseline" / "server.py"
 SERVERS = ("product", "reference")
+#: Every server the runner knows; the baseline runs only when asked for.
+KNOWN_SERVERS = (*SERVERS, "baseline")
 
 #: A payload of the size of a small order update, so compression has something to work on.
 ORDER = {
@@ -81,7 +85,7 @@ class Scenario:
 	join: bool = True
 	concurrency: int = 0  # connects in flight per loadgen worker; 0 = all at once
 	settle_s: float = 0.0  # wait before reading RSS after the connect phase
-	servers: tuple[str, ...] = SERVERS
+	servers: tuple[str, ...] = KNOWN_SERVERS
 
 	@property
 	def namespace(self) -> str:
@@ -150,7 +154,7 @@ def http_status(url: str) -> int | None:
 
 
 class ServerProcess:
-	"""The product or the reference server on a free loopback port."""
+	"""The product, the reference or the baseline server on a free loopback port."""
 
 	def __init__(self, kind: str, scenario: Scenario, redis_url: str, frappe_url: str | None, logs: Path):
 		self.kind = kind
@@ -164,6 +168,8 @@ class ServerProcess:
 		if kind == "product":
 			# WARNING keeps errors in the log without one line per connect in the CPU figures.
 			self.command = [sys.executable, "-m", "excel_restaurant_pos.realtime", *flags, "--log-level", "WARNING"]
+		elif kind == "baseline":
+			self.command = [sys.executable, str(BASELINE), *flags]
 		else:
 			self.command = ["node", str(REFERENCE), *flags]
 		self.env = {k: v for k, v in os.environ.items() if not k.startswith("EXCEL_RESTAURANT_POS_")}
@@ -457,7 +463,9 @@ def median_of(cases: list[dict], path: tuple[str, ...]) -> float | None:
 
 
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
-	rows = ["| scenario | metric | product | reference | ratio (product/reference) |", "|---|---|---:|---:|---:|"]
+	baseline = any(by_server.get("baseline") for by_server in results.values())
+	rows = ["| scenario | metric | product | reference | ratio (product/reference) |" + (" python-socketio baseline |" if baseline else ""),
+		"|---|---|---:|---:|---:|" + ("---:|" if baseline else "")]
 	for name in ORDER_OF_SCENARIOS:
 		if name in SKIPPED and name in results:
 			rows.append(f"| {name} | — | {SKIPPED[name]} | | |")
@@ -470,7 +478,11 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 			p = median_of(results[name].get("product", []), path)
 			r = median_of(results[name].get("reference", []), path)
 			ratio = f"{p / r:.2f}" if p is not None and r not in (None, 0) else "—"
-			rows.append(f"| {name} | {label} | {fmt.format(p) if p is not None else '—'} | {fmt.format(r) if r is not None else '—'} | {ratio} |")
+			row = f"| {name} | {label} | {fmt.format(p) if p is not None else '—'} | {fmt.format(r) if r is not None else '—'} | {ratio} |"
+			if baseline:
+				b = median_of(results[name].get("baseline", []), path)
+				row += f" {fmt.format(b) if b is not None else '—'} |"
+			rows.append(row)
 	if "S1" in results and "S1z" in results:
 		rows += ["", "Product, permessage-deflate off (S1) vs on (S1z):", "", "| metric | off | on | on/off |", "|---|---:|---:|---:|"]
 		for label, path, fmt in METRICS:
@@ -498,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
 	parser.add_argument("--quick", action="store_true", help="one run with a tenth of the clients and events: a smoke check")
 	parser.add_argument("--scenarios", default=",".join(ORDER_OF_SCENARIOS), help="comma-separated, e.g. S1,S2 (S3 means S3f,S3j)")
 	parser.add_argument("--repeat", type=int, default=3, help="runs per scenario and server; the table shows medians")
-	parser.add_argument("--servers", default=",".join(SERVERS), help="product,reference")
+	parser.add_argument("--servers", default=",".join(SERVERS), help=f"any of {','.join(KNOWN_SERVERS)}")
 	args = parser.parse_args(argv)
 	repeat = 1 if args.quick else max(1, args.repeat)
 	wanted: list[str] = []
@@ -509,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
 	if unknown:
 		parser.error(f"unknown scenario(s): {', '.join(unknown)}")
 	servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+	if not servers or set(servers) - set(KNOWN_SERVERS):
+		parser.error(f"--servers takes any of {', '.join(KNOWN_SERVERS)}")
 	if not shutil.which("redis-server") and not Path("/usr/bin/redis-server").exists():
 		parser.error("redis-server is not installed")
 	check_node_modules()

@@ -1,5 +1,6 @@
 """The benchmark runner still works end to end: a small S1 and a small jwt storm, for the
-product and the Node reference, with no lost deliveries and no failed connects."""
+product, the Node reference and the python-socketio baseline, with no lost deliveries and no
+failed connects."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import sys
 from harness import REPO
 
 
-def test_quick_benchmark_runs_for_both_servers():
+def test_quick_benchmark_runs_for_every_server():
 	result = subprocess.run(
-		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S3j"],
+		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S3j", "--servers", "product,reference,baseline"],
 		cwd=REPO,
 		capture_output=True,
 		text=True,
@@ -22,7 +23,7 @@ def test_quick_benchmark_runs_for_both_servers():
 	path = REPO / result.stdout.strip().splitlines()[-1].removeprefix("full results: ")
 	cases = json.loads(path.read_text())["results"]
 	for scenario in ("S1", "S3j"):
-		for server in ("product", "reference"):
+		for server in ("product", "reference", "baseline"):
 			(case,) = cases[scenario][server]
 			assert "error" not in case, (scenario, server, case.get("error"))
 			assert case["connect"]["failed"] == 0, (scenario, server)
@@ -30,3 +31,4 @@ def test_quick_benchmark_runs_for_both_servers():
 	s1 = cases["S1"]["product"][0]["deliveries"]
 	assert s1["received"] == s1["expected"] > 0
 	assert cases["S1"]["reference"][0]["deliveries"]["lost"] == 0
+	assert cases["S1"]["baseline"][0]["deliveries"]["lost"] == 0
