@@ -328,3 +328,25 @@ def test_idle_clients_stay_through_many_pings_and_silent_ones_are_closed(realtim
 	publish.publish_event("still:here", {})
 	assert js.wait_event("idle", "still:here") == [{}]
 	silent.close()
+
+
+def test_silent_http_connections_are_closed_and_free_their_slot(realtime, js, publish):
+	"""Connections that never finish a request (a tablet gone mid-request, a kept-alive socket
+	whose peer vanished, a hostile peer) are closed after ``http_timeout``: filling every slot
+	with them locks nobody out for longer than that."""
+	server = realtime(max_connections=3, http_timeout=1, ping_interval=3, ping_timeout=2)
+	silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+	silent[2].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+	started = time.monotonic()
+	for sock in silent:
+		assert sock.recv(1024) == b""  # closed by the server
+		sock.close()
+	assert time.monotonic() - started < 5
+	assert server.health()[0] == 200
+	# A long-poll waiting for events is not silence: the poll that brings the first ping has
+	# waited a whole ping interval, three times the timeout.
+	js.connect("poller", server.url + NS, token=token("poller@example.com"), transport="polling")
+	js.wait(lambda item: item.get("id") == "poller" and item["type"] == "ping", 10, "a ping over long-polling")
+	publish.publish_event("still:here", {"n": 1})
+	assert js.wait_event("poller", "still:here") == [{"n": 1}]
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []

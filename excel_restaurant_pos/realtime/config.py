@@ -149,6 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
 	_limit("ping_timeout", _as_float, "seconds to wait for a pong before closing"),
 	_limit("websocket_compression", _as_bool, "accept permessage-deflate"),
 	_limit("max_connections", _as_int, "concurrent HTTP/websocket connections"),
+	_limit("http_timeout", _as_float, "seconds an HTTP connection may stay silent before a request is complete"),
 	_limit("log_level", str, "logging level"),
 )
 
@@ -182,6 +183,7 @@ DEFAULTS: dict[str, Any] = {
 	"ping_timeout": 20.0,
 	"websocket_compression": False,
 	"max_connections": 20_000,
+	"http_timeout": 20.0,
 	"log_level": "INFO",
 }
 
@@ -224,6 +226,7 @@ class Config:
 	ping_timeout: float
 	websocket_compression: bool
 	max_connections: int
+	http_timeout: float
 	log_level: str
 
 	@property

@@ -338,6 +338,12 @@ def serve(config: Config) -> int:
 		server.wsgi,
 		log_output=False,
 		max_size=config.max_connections,
+		# Without these eventlet waits forever for a request: a connection that never sends
+		# one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a hostile
+		# peer) would hold a slot of max_connections, and with enough of them nobody gets in.
+		# Websockets are unaffected: Engine.IO sets their timeout from the ping settings.
+		socket_timeout=config.http_timeout,
+		keepalive=config.http_timeout,
 		log=logging.getLogger("excel_restaurant_pos.realtime.http"),
 	)
 	logger.info("%s; open-file limit %d", config.describe(), files)
