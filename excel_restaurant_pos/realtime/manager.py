@@ -58,8 +58,8 @@ class IndexedManager(socketio.Manager):
 		"""As python-socketio's, with a shorter path for what the bridge sends: an event with
 		one argument, no acknowledgement and no one skipped. Its packet is built once and put
 		straight on each client's Engine.IO queue, skipping per client the three calls between
-		(and the arguments of a log call that is off) that make up a third of the time the
-		process spends on a delivery that is not the ``send()`` itself."""
+		and the arguments of a log call that is off, work that was repeated for every client of
+		every event."""
 		if callback is not None or skip_sid is not None or isinstance(data, tuple) or namespace not in self.rooms:
 			return super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs)
 		args = [event] if data is None else [event, data]
