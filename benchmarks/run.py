@@ -85,7 +85,6 @@ class Scenario:
 	join: bool = True
 	concurrency: int = 0  # connects in flight per loadgen worker; 0 = all at once
 	settle_s: float = 0.0  # wait before reading RSS after the connect phase
-	servers: tuple[str, ...] = KNOWN_SERVERS
 
 	@property
 	def namespace(self) -> str:
@@ -542,8 +541,6 @@ def main(argv: list[str] | None = None) -> int:
 			scenario = catalogue[name]
 			tokens = token_cache.setdefault(scenario.clients, tokens_for(scenario.clients))
 			for kind in servers:
-				if kind not in scenario.servers:
-					continue
 				print(f"[{time.time() - started:6.0f} s] run {run + 1}/{repeat} {name} ({scenario.title}) {kind} ...", file=sys.stderr, flush=True)
 				case = run_case(kind, scenario, tokens, work)
 				case["run"] = run + 1

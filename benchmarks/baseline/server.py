@@ -43,7 +43,6 @@ parser.add_argument("--redis-queue", default="redis://127.0.0.1:6379")
 parser.add_argument("--auth-mode", choices=("jwt", "frappe"), default="jwt")
 parser.add_argument("--frappe-url", default="http://127.0.0.1:8000")
 parser.add_argument("--websocket-compression", default="false", help="accepted for the runner; eventlet's default applies")
-parser.add_argument("--log-level", default="WARNING", help="accepted for the runner")
 opts = parser.parse_args()
 secret = os.environ.get("EXCEL_RESTAURANT_POS_JWT_SECRET", "")
 sites = {s.strip() for s in os.environ.get("EXCEL_RESTAURANT_POS_SITES", "default").split(",") if s.strip()}
