@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -172,6 +173,80 @@ class RealtimeProcess:
 			self.process.wait(10)
 		if self.process:
 			self._log.close()
+
+
+class TcpProxy:
+	"""A loopback TCP proxy in front of a server, whose connections a test can kill with a
+	reset, as a Wi-Fi drop or a NAT timeout does: neither end says goodbye."""
+
+	def __init__(self, target_port: int):
+		self.target_port = target_port
+		self.listener = socket.create_server(("127.0.0.1", 0))
+		self.port = self.listener.getsockname()[1]
+		self.connections: set[socket.socket] = set()
+		self.refusing = False
+		self._lock = threading.Lock()
+		threading.Thread(target=self._accept, daemon=True).start()
+
+	@property
+	def url(self) -> str:
+		return f"http://127.0.0.1:{self.port}"
+
+	def _accept(self) -> None:
+		while True:
+			try:
+				client, _ = self.listener.accept()
+			except OSError:
+				return
+			if self.refusing:
+				_reset(client)
+				continue
+			try:
+				upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+			except OSError:
+				_reset(client)
+				continue
+			with self._lock:
+				self.connections.update((client, upstream))
+			for source, sink in ((client, upstream), (upstream, client)):
+				threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+	def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+		try:
+			while data := source.recv(65536):
+				sink.sendall(data)
+			with self._lock:
+				if source in self.connections:  # an orderly end, not a kill: pass it on
+					sink.shutdown(socket.SHUT_WR)
+		except OSError:
+			pass
+
+	def kill(self) -> int:
+		"""Reset every open connection; returns how many there were."""
+		with self._lock:
+			connections, self.connections = self.connections, set()
+		for connection in connections:
+			try:  # wakes the pump blocked on it, which a bare close would not
+				connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+				connection.shutdown(socket.SHUT_RD)
+			except OSError:
+				pass
+		for connection in connections:
+			_reset(connection)
+		return len(connections) // 2
+
+	def close(self) -> None:
+		self.listener.close()
+		self.kill()
+
+
+def _reset(connection: socket.socket) -> None:
+	"""Close with a TCP reset instead of a FIN."""
+	try:
+		connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+		connection.close()
+	except OSError:
+		pass
 
 
 class FrappeStandIn:

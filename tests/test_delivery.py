@@ -116,7 +116,11 @@ def test_app_events_never_reach_frappe_namespaces(two_sites, js, publish):
 	assert seen(js, "s1", "order:updated") == [] and seen(js, "s2", "order:updated") == []
 
 
-def test_default_alias_namespace_in_published_messages(two_sites, js, publish):
+def test_default_alias_namespace_in_published_messages(two_sites, js, publish, monkeypatch):
+	"""The helpers name the default site from the same configuration as the server."""
+	for name, value in SITES.items():
+		monkeypatch.setenv(name, value)
+	publish._standalone_config.cache_clear()
 	publish.publish_event("order:new", {"order_id": "ORD-3"}, namespace="/excel_restaurant_pos/default")
 	fence(js, publish)
 	assert seen(js, "a1", "order:new") == [{"order_id": "ORD-3"}]

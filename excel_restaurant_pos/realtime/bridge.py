@@ -1,6 +1,12 @@
-"""The Redis bridge: from Redis channels to :class:`Delivery` values.
+"""The Redis bridge: from Redis to :class:`~excel_restaurant_pos.realtime.log.Delivery` values.
 
-Two channels are read:
+Two kinds of reader, each on its own connection:
+
+* the channel readers take the pub/sub channels below and hand each message, parsed, to
+  ``ingest``, which appends it to its site's event log (:mod:`~excel_restaurant_pos.realtime.log`);
+* the log reader takes the sites' logs in order and hands each entry to ``deliver``.
+
+The channels are:
 
 * ``events``, where Frappe publishes. v15 and newer send
   ``{"event", "message", "namespace": "<site>", "room"}``; v14 sends no ``namespace`` and
@@ -9,38 +15,29 @@ Two channels are read:
 * ``excel_restaurant_pos_events``, where :mod:`excel_restaurant_pos.realtime.utils`
   publishes ``{"namespace": "/excel_restaurant_pos/<site>", "room", "event", "message"}``.
 
-The bridge knows these formats and nothing about sockets: it hands each delivery to a
-callback. A message it cannot use is logged with the reason and skipped; a lost Redis
-connection is retried with backoff and logged once per outage.
+The publish helpers append to the log themselves and mark what they announce on the app
+channel ``"logged": true``; such a message is not appended again. The bridge knows these
+formats and nothing about sockets. A message it cannot use is logged with the reason and
+skipped; a lost Redis connection is retried with backoff and logged once per outage.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from excel_restaurant_pos.realtime import metrics, rooms
+from excel_restaurant_pos.realtime import log, metrics, rooms
 from excel_restaurant_pos.realtime.config import Config
+from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.utils import APP_CHANNEL
 
 FRAPPE_CHANNEL = "events"
+#: The ``channel`` label of log entries in the messages metric.
+LOG_CHANNEL = "log"
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-	"""One event for local clients: emit ``event`` with ``message`` to ``room`` (the whole
-	namespace when ``None``) in each of ``namespaces``."""
-
-	site: str
-	namespaces: tuple[str, ...]
-	room: str | None
-	event: str
-	message: Any
 
 
 class BadMessage(ValueError):
@@ -58,7 +55,8 @@ class Parser:
 		self.sites = frozenset(sites)
 		self.default_site = default_site
 
-	def parse(self, channel: str, raw: bytes | str) -> Delivery:
+	def parse(self, channel: str, raw: bytes | str) -> Delivery | None:
+		"""The delivery a message asks for; ``None`` when it is already in the log."""
 		try:
 			data = json.loads(raw)
 		except (TypeError, ValueError, UnicodeDecodeError) as exc:
@@ -71,7 +69,7 @@ class Parser:
 		if room is not None and not isinstance(room, str):
 			raise BadMessage("room is not a string")
 		if channel == APP_CHANNEL:
-			return self._app_event(data, event, room or None)
+			return None if data.get("logged") is True else self._app_event(data, event, room or None)
 		return self._frappe_event(data, event, room or None)
 
 	def _frappe_event(self, data: dict, event: str, room: str | None) -> Delivery:
@@ -85,7 +83,7 @@ class Parser:
 		if not isinstance(site, str) or site.lstrip("/") not in self.sites:
 			raise BadMessage(f"unknown site {site!r}", "unknown_site")
 		site = site.lstrip("/")
-		return Delivery(site, rooms.namespaces_of_site(site, self.default_site, frappe_events=True), room, event, data.get("message"))
+		return Delivery(site, "site", room, event, data.get("message"))
 
 	def _app_event(self, data: dict, event: str, room: str | None) -> Delivery:
 		namespace = data.get("namespace")
@@ -94,46 +92,59 @@ class Parser:
 		site = rooms.site_of_namespace(namespace, self.sites, self.default_site)
 		if site is None:
 			raise BadMessage(f"unknown site in namespace {namespace!r}", "unknown_site")
-		return Delivery(site, rooms.namespaces_of_site(site, self.default_site, frappe_events=False), room, event, data.get("message"))
+		return Delivery(site, "app", room, event, data.get("message"))
 
 
 class Bridge:
-	"""Subscribes to the channels on each Redis and calls ``deliver`` for every good message.
-
-	One reader per Redis URL, each in its own green thread (started by ``spawn``, so this
+	"""The readers of one server process, in green threads started by ``spawn`` (so this
 	module does not depend on eventlet). ``connected`` is what ``/health`` reports.
+
+	``positions`` (site → the last offset delivered) is where the log reader is: everything
+	up to it was handed to ``deliver``. It starts at the newest entry of each log, and after
+	an outage reading resumes from it, so nothing appended meanwhile is skipped.
 	"""
 
-	def __init__(self, config: Config, deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
+	def __init__(self, config: Config, ingest: Callable[[Delivery], None], deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
 		self.parser = Parser(config.sites, config.default_site)
+		self.ingest = ingest
 		self.deliver = deliver
 		self.retry_max = retry_max
+		self.sites = config.sites
+		self.positions: dict[str, str] = {}
 		self.subscriptions: dict[str, tuple[str, ...]] = {config.redis_queue: (FRAPPE_CHANNEL, APP_CHANNEL)}
 		for url in config.event_redis_urls[1:]:
 			self.subscriptions[url] = (FRAPPE_CHANNEL,)
-		self._up: dict[str, bool] = dict.fromkeys(self.subscriptions, False)
-		self._pubsubs: dict[str, Any] = {}
+		#: (Redis URL, what is read there) → whether that reader is connected.
+		self._up: dict[tuple[str, str], bool] = {(url, "channels"): False for url in self.subscriptions}
+		self._up[(config.redis_queue, "log")] = False
+		self._connections: dict[tuple[str, str], Any] = {}
+		self._outages: set[str] = set()
 		self._running = False
 
 	@property
 	def connected(self) -> bool:
 		return all(self._up.values())
 
+	@property
+	def ready(self) -> bool:
+		"""Whether the log reader knows where every site's log stands."""
+		return len(self.positions) == len(self.sites)
+
 	def start(self, spawn: Callable[..., Any]) -> None:
 		self._running = True
-		for url in self.subscriptions:
-			spawn(self._read_forever, url)
+		for reader in self._up:
+			spawn(self._keep_reading, reader)
 
 	def stop(self) -> None:
 		self._running = False
-		for pubsub in list(self._pubsubs.values()):
+		for connection in list(self._connections.values()):
 			try:
-				pubsub.close()
+				connection.close()
 			except Exception:  # closing a broken connection may raise; we are leaving anyway
 				pass
 
 	def handle(self, channel: str, raw: bytes | str) -> None:
-		"""Parse and deliver one message; a bad one is logged and counted, never raised."""
+		"""Parse and ingest one message; a bad one is logged and counted, never raised."""
 		try:
 			delivery = self.parser.parse(channel, raw)
 		except BadMessage as exc:
@@ -141,44 +152,85 @@ class Bridge:
 			logger.warning("skipped message on %r: %s: %.200r", channel, exc, raw)
 			return
 		metrics.REDIS_MESSAGES.labels(channel, "ok").inc()
+		if delivery is None:
+			return
 		try:
-			self.deliver(delivery)
-		except Exception:
-			logger.exception("delivery of %r on %r failed", delivery.event, channel)
+			self.ingest(delivery)
+		except Exception as exc:
+			logger.error("could not log %r from %r, so it is lost: %s", delivery.event, channel, exc)
 
-	def _read_forever(self, url: str) -> None:
+	def handle_entries(self, site: str, entries: list) -> None:
+		"""Deliver log entries in order; a malformed one is logged, counted and passed over."""
+		for entry_id, fields in entries:
+			offset = log.text(entry_id)
+			try:
+				delivery = log.decode(site, offset, fields)
+			except ValueError as exc:
+				metrics.REDIS_MESSAGES.labels(LOG_CHANNEL, "malformed").inc()
+				logger.warning("skipped log entry %s of %s: %s", offset, site, exc)
+			else:
+				metrics.REDIS_MESSAGES.labels(LOG_CHANNEL, "ok").inc()
+				try:
+					self.deliver(delivery)
+				except Exception:
+					logger.exception("delivery of log entry %s of %s failed", offset, site)
+			self.positions[site] = offset
+
+	def _keep_reading(self, reader: tuple[str, str]) -> None:
+		"""Run one reader, again after every failure, with backoff; an outage of a Redis is
+		logged once, and its end once, however many readers it stopped."""
 		import redis
 
-		delay, outage_logged = 0.2, False
+		url, what = reader
+		delay = 0.2
 		while self._running:
 			try:
 				client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_keepalive=True, health_check_interval=10)
-				pubsub = client.pubsub(ignore_subscribe_messages=True)
-				pubsub.subscribe(*self.subscriptions[url])
-				self._pubsubs[url] = pubsub
-				self._up[url] = True
-				delay = 0.2
-				if outage_logged:
-					metrics.REDIS_RECONNECTS.inc()
-					logger.warning("redis %s is back; listening on %s", url, ", ".join(self.subscriptions[url]))
-					outage_logged = False
-				else:
-					logger.info("listening on redis %s: %s", url, ", ".join(self.subscriptions[url]))
-				while self._running:
-					message = pubsub.get_message(timeout=1.0)
-					if message is not None and message.get("type") == "message":
-						channel = message["channel"]
-						self.handle(channel.decode() if isinstance(channel, bytes) else channel, message["data"])
+				read = self._read_channels if what == "channels" else self._read_log
+				for _ in read(client, reader):
+					delay = 0.2
+					self._connected(reader)
 			# Not only RedisError/OSError: redis-py raises ValueError or RuntimeError when the
 			# connection is closed under a read (stop(), a dropped socket), and a reader that
 			# died would leave the bridge reporting itself connected while reading nothing.
 			except Exception as exc:
-				self._up[url] = False
-				self._pubsubs.pop(url, None)
+				self._up[reader] = False
+				self._connections.pop(reader, None)
 				if not self._running:
 					return
-				if not outage_logged:
+				if url not in self._outages:
 					logger.error("redis %s unavailable (%s); retrying with backoff", url, exc)
-					outage_logged = True
+					self._outages.add(url)
 				time.sleep(delay)
 				delay = min(delay * 2, self.retry_max)
+
+	def _connected(self, reader: tuple[str, str]) -> None:
+		self._up[reader] = True
+		url = reader[0]
+		if url in self._outages and all(up for (other, _), up in self._up.items() if other == url):
+			self._outages.discard(url)
+			metrics.REDIS_RECONNECTS.inc()
+			logger.warning("redis %s is back", url)
+
+	def _read_channels(self, client: Any, reader: tuple[str, str]) -> Any:
+		"""Subscribe, say so once (by yielding), then read until stopped."""
+		pubsub = self._connections[reader] = client.pubsub(ignore_subscribe_messages=True)
+		pubsub.subscribe(*self.subscriptions[reader[0]])
+		logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
+		yield
+		while self._running:
+			message = pubsub.get_message(timeout=1.0)
+			if message is not None and message.get("type") == "message":
+				self.handle(log.text(message["channel"]), message["data"])
+
+	def _read_log(self, client: Any, reader: tuple[str, str]) -> Any:
+		"""Find where each site's log stands (once), say so, then read until stopped."""
+		self._connections[reader] = client
+		for site in self.sites:
+			if site not in self.positions:
+				self.positions[site] = log.last_offset(client, site)
+		yield
+		while self._running:
+			streams = {log.log_key(site): self.positions[site] for site in self.sites}
+			for key, entries in client.xread(streams, count=log.BATCH, block=1000) or ():
+				self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)

@@ -150,6 +150,8 @@ SETTINGS: tuple[Setting, ...] = (
 	_limit("websocket_compression", _as_bool, "accept permessage-deflate"),
 	_limit("max_connections", _as_int, "concurrent HTTP/websocket connections"),
 	_limit("http_timeout", _as_float, "seconds an HTTP connection may stay silent before a request is complete"),
+	_limit("recovery_window", _as_float, "seconds a disconnected client may take to recover its session (0: recovery off)"),
+	_limit("recovery_max_events", _as_int, "events kept in each site's log"),
 	_limit("log_level", str, "logging level"),
 )
 
@@ -184,6 +186,8 @@ DEFAULTS: dict[str, Any] = {
 	"websocket_compression": False,
 	"max_connections": 20_000,
 	"http_timeout": 20.0,
+	"recovery_window": 120.0,
+	"recovery_max_events": 100_000,
 	"log_level": "INFO",
 }
 
@@ -227,6 +231,8 @@ class Config:
 	websocket_compression: bool
 	max_connections: int
 	http_timeout: float
+	recovery_window: float
+	recovery_max_events: int
 	log_level: str
 
 	@property

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from excel_restaurant_pos.realtime import rooms
+from excel_restaurant_pos.realtime.log import Delivery
 
 if TYPE_CHECKING:
 	from excel_restaurant_pos.realtime.connect import Identity
@@ -92,9 +93,11 @@ class Client:
 		self.server.sio.emit(event, data, to=self.sid, namespace=self.namespace)
 
 	def emit_to_room(self, room: str, event: str, data: Any = None, *, include_self: bool = False) -> None:
-		"""Send an event to a room of this client's namespace."""
+		"""Send an event to a room of this client's site, in each of its namespaces and on
+		every server process. It goes through the event log, so a member who is away gets it
+		when it recovers."""
 		skip = None if include_self else self.sid
-		self.server.sio.emit(event, data, to=room, skip_sid=skip, namespace=self.namespace)
+		self.server.publish(Delivery(self.site, "site", room, event, data, skip=skip))
 
 	def in_room(self, room: str) -> bool:
 		return room in self.server.sio.rooms(self.sid, namespace=self.namespace)
@@ -124,6 +127,7 @@ class Client:
 				return reason
 		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
 		self.joined.add(room)
+		self.server.recovery.rooms_changed(self.sid)
 		return None
 
 	def leave(self, room: Any) -> str | None:
@@ -133,15 +137,17 @@ class Client:
 			return error
 		self.server.sio.leave_room(self.sid, room, namespace=self.namespace)
 		self.joined.discard(room)
+		self.server.recovery.rooms_changed(self.sid)
 		return None
 
 	def viewers(self, room: str) -> list[str]:
-		"""The distinct users in a room of this namespace, in the order they joined."""
+		"""The distinct users in a room of this site's namespaces, in the order they joined."""
 		users: dict[str, None] = {}
-		for sid, _ in self.server.sio.manager.get_participants(self.namespace, room):
-			other = self.server.clients.get(sid)
-			if other is not None:
-				users[other.user] = None
+		for namespace in self.server.scopes[(self.site, "site")]:
+			for sid, _ in self.server.sio.manager.get_participants(namespace, room):
+				other = self.server.clients.get(sid)
+				if other is not None:
+					users[other.user] = None
 		return list(users)
 
 

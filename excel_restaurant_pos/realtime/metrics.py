@@ -15,6 +15,8 @@ REDIS_MESSAGES = Counter("excel_pos_realtime_redis_messages", "Redis messages re
 REDIS_RECONNECTS = Counter("excel_pos_realtime_redis_reconnects", "Redis connections re-established after an outage")
 SLOW_CLIENT_DISCONNECTS = Counter("excel_pos_realtime_slow_client_disconnects", "Clients cut off for unsent data over the limit")
 CLIENT_EVENTS = Counter("excel_pos_realtime_client_events", "Events received from clients by result", ["result"])
+RECOVERIES = Counter("excel_pos_realtime_recoveries", "Reconnects that asked to recover a session, by result", ["result"])
+REPLAYED_EVENTS = Counter("excel_pos_realtime_replayed_events", "Events sent again to clients that recovered their session")
 QUEUE_BYTES = Gauge("excel_pos_realtime_queued_bytes", "Bytes waiting to be sent to clients")
 AUTH_SECONDS = Histogram(
 	"excel_pos_realtime_auth_seconds",

@@ -25,17 +25,36 @@ import time
 from typing import Any
 
 import socketio
+from socketio import packet
 
 from excel_restaurant_pos.auth import token_fingerprint
-from excel_restaurant_pos.realtime import events, metrics, rooms, transport
-from excel_restaurant_pos.realtime.bridge import Bridge, Delivery
+from excel_restaurant_pos.realtime import events, log, metrics, rooms, transport
+from excel_restaurant_pos.realtime.bridge import Bridge
 from excel_restaurant_pos.realtime.config import Config, ConfigError
-from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused, token_from
+from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused, site_for, token_from
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
+from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.manager import IndexedManager
+from excel_restaurant_pos.realtime.recovery import Recovery
 
 logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
+
+
+class SocketServer(socketio.Server):
+	"""python-socketio's server with the recovery protocol's ``pid`` in the CONNECT reply
+	to a recovering socket. Without the private method this overrides (a python-socketio
+	release that renamed it), the reply simply has no ``pid``: clients then start a new
+	session at every reconnect, and nothing else changes."""
+
+	sessions: dict[str, Any] = {}
+
+	def _send_packet(self, eio_sid: str, pkt: Any) -> None:
+		if pkt.packet_type == packet.CONNECT and isinstance(pkt.data, dict):
+			session = self.sessions.get(pkt.data.get("sid"))
+			if session is not None:
+				pkt.data = {**pkt.data, "pid": session.pid}
+		super()._send_packet(eio_sid, pkt)
 
 
 class RealtimeServer:
@@ -47,7 +66,7 @@ class RealtimeServer:
 		self.config = config
 		self.frappe_api = FrappeAPI(config) if config.auth_mode == "frappe" else None
 		self.auth = Authenticator(config, self.frappe_api)
-		self.sio = socketio.Server(
+		self.sio = SocketServer(
 			async_mode="eventlet",
 			client_manager=IndexedManager(),
 			namespaces="*",
@@ -64,7 +83,17 @@ class RealtimeServer:
 		self.sio_app = socketio.WSGIApp(self.sio)
 		self.clients: dict[str, events.Client] = {}
 		self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
-		self.bridge = Bridge(config, self.deliver)
+		self.redis = _redis_client(config.redis_queue)
+		self.bridge = Bridge(config, self.append, self.deliver)
+		self.recovery = Recovery(config, self.redis, self.bridge.positions, self.abort)
+		self.sio.sessions = self.sio.manager.sessions = self.recovery.live
+		self.sio.manager.on_connected = self.on_connected
+		#: (site, scope) → the namespaces an event of that scope reaches.
+		self.scopes = {
+			(site, scope): rooms.namespaces_of_site(site, config.default_site, frappe_events=scope == "site")
+			for site in config.sites
+			for scope in log.SCOPES
+		}
 		self.draining = False
 		self.stop_requested = False
 		self.sio.on("connect", self.on_connect, namespace="*")
@@ -76,31 +105,63 @@ class RealtimeServer:
 	# -- connect flow ---------------------------------------------------------------------
 
 	def on_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
+		session = None
 		try:
+			site = site_for(namespace, self.config)
+			if self.recovery.wants(auth, site):
+				session = self.recovery.hold(sid, namespace, site)
 			identity = self.auth.identify(namespace, environ, auth)
 			key = (identity.site, identity.user)
 			if self.user_connections[key] >= self.config.connections_per_user:
 				raise Refused(TOO_MANY_CONNECTIONS, "too_many_connections")
 		except Refused as exc:
+			self.recovery.drop(sid)
 			metrics.CONNECTS.labels(exc.label).inc()
 			logger.info("refused namespace=%s reason=%r%s", namespace, str(exc), _fingerprint(environ, auth))
 			raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
+		restored = False
+		if session is not None:
+			session, restored = self.recovery.restore(sid, identity.user, auth)
 		client = events.Client(self, sid, namespace, identity)
 		self.clients[sid] = client
 		self.user_connections[key] += 1
-		for room in rooms.auto_rooms(identity.user, identity.user_type):
+		auto_rooms = rooms.auto_rooms(identity.user, identity.user_type)
+		if session is not None:
+			client.joined = session.joined
+		for room in (*auto_rooms, *client.joined):
 			self.sio.enter_room(sid, room, namespace=namespace)
+		if restored:
+			try:
+				self.recovery.replay(session, lambda scope: self.scopes[(identity.site, scope)], auto_rooms)
+			except Exception as exc:
+				logger.warning("replay unavailable site=%s user=%s (%s); starting a new session", identity.site, identity.user, exc)
+				session, restored = self.recovery.start_over(sid), False
+		if session is not None:
+			self.recovery.save(session)
 		metrics.CONNECTS.labels("ok").inc()
 		metrics.CONNECTIONS.labels(identity.site).inc()
 		logger.info(
-			"connected site=%s user=%s type=%s namespace=%s sid=%s token=%s",
+			"connected site=%s user=%s type=%s namespace=%s sid=%s token=%s%s",
 			identity.site, identity.user, identity.user_type, namespace, sid, token_fingerprint(identity.token),
+			(" recovered" if restored else " recoverable") if session is not None else "",
 		)
+
+	def on_connected(self, sid: str) -> None:
+		"""The CONNECT reply is out: a recovering socket gets what it missed, then live events."""
+		client = self.clients.get(sid)
+		if client is None:
+			return
+		replayed = self.recovery.connected(sid, lambda delivery: self.sio.manager.send(sid, client.namespace, delivery))
+		if replayed:
+			metrics.REPLAYED_EVENTS.inc(replayed)
+			logger.info("replayed %d events site=%s user=%s sid=%s", replayed, client.site, client.user, sid)
 
 	def on_disconnect(self, namespace: str, sid: str, reason: Any = None) -> None:
 		client = self.clients.pop(sid, None)
 		if client is None:
+			self.recovery.drop(sid)
 			return
+		self.recovery.close(sid)
 		key = (client.site, client.user)
 		self.user_connections[key] -= 1
 		if self.user_connections[key] <= 0:
@@ -111,6 +172,13 @@ class RealtimeServer:
 			self.sio.leave_room(sid, room, namespace=namespace)
 			events.announce_viewers(client, *rooms.document_of(room))
 		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
+
+	def abort(self, sid: str, namespace: str) -> None:
+		"""Close a socket's transport now, running its disconnect (its client is back on
+		another connection; the old one only looked open)."""
+		eio_socket = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, namespace))
+		if eio_socket is not None:
+			eio_socket.close(wait=False, abort=True)
 
 	# -- client events --------------------------------------------------------------------
 
@@ -144,11 +212,25 @@ class RealtimeServer:
 
 	# -- publish flow ---------------------------------------------------------------------
 
+	def append(self, delivery: Delivery) -> str:
+		"""Append an event to its site's log; every server process delivers it from there."""
+		return log.append(self.redis, delivery, self.config.recovery_max_events)
+
+	def publish(self, delivery: Delivery) -> None:
+		"""An event a client sent to a room: logged like every other, or, while the log
+		cannot be reached, delivered by this process alone rather than lost."""
+		try:
+			self.append(delivery)
+		except Exception as exc:
+			logger.warning("event log unavailable (%s); %r delivered here only", exc, delivery.event)
+			self.deliver(delivery)
+
 	def deliver(self, delivery: Delivery) -> None:
-		"""Emit one bridged event to the local clients of each of its namespaces."""
-		for namespace in delivery.namespaces:
-			self.sio.emit(delivery.event, delivery.message, to=delivery.room, namespace=namespace)
-		metrics.DELIVERIES.inc(len(delivery.namespaces))
+		"""Emit one event to the local clients of each namespace its scope reaches."""
+		namespaces = self.scopes[(delivery.site, delivery.scope)]
+		for namespace in namespaces:
+			self.sio.manager.deliver(namespace, delivery)
+		metrics.DELIVERIES.inc(len(namespaces))
 
 	# -- back-pressure --------------------------------------------------------------------
 
@@ -207,7 +289,7 @@ class RealtimeServer:
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
 			self.sio.sleep(SWEEP_INTERVAL)
-			for sweep in (self.sweep_expiry, self.sweep_slow_clients):
+			for sweep in (self.sweep_expiry, self.sweep_slow_clients, self.recovery.snapshot):
 				try:
 					sweep()
 				except Exception:
@@ -273,6 +355,12 @@ class RealtimeServer:
 				logger.info("shutting down: %d clients did not take their close packet", unsent)
 				break
 			self.sio.sleep(0.05)
+
+
+def _redis_client(url: str) -> Any:
+	import redis
+
+	return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
 
 
 def _respond(start_response: Any, code: int, body: bytes, content_type: str) -> list[bytes]:

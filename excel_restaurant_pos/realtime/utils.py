@@ -1,7 +1,10 @@
 """Publish events to realtime clients from Python: Frappe requests, jobs and scripts.
 
-Each helper puts one JSON message on the Redis channel ``excel_restaurant_pos_events``;
-every running realtime server delivers it to its own clients in the message's namespace::
+Each helper appends the event to its site's log in Redis (see
+:mod:`~excel_restaurant_pos.realtime.log`) and announces it on the channel
+``excel_restaurant_pos_events``; every running realtime server delivers it to its own
+clients in the message's namespace, and a client that was away gets it when it recovers,
+even when no server ran at the time it was published::
 
 	from excel_restaurant_pos.realtime.utils import publish_to_room
 	publish_to_room("kitchen", "order:new", {"order_id": "ORD-001"})
@@ -22,7 +25,8 @@ import sys
 import uuid
 from typing import Any
 
-from excel_restaurant_pos.realtime import rooms
+from excel_restaurant_pos.realtime import log, rooms
+from excel_restaurant_pos.realtime.config import APP_NAME
 
 APP_CHANNEL = "excel_restaurant_pos_events"
 logger = logging.getLogger(__name__)
@@ -52,17 +56,18 @@ def _format_timedelta(value: datetime.timedelta) -> str:
 	return f"{int(hours):01}:{int(minutes):02}:{int(seconds) if seconds == int(seconds) else seconds:02}"
 
 
-def encode_message(event: str, namespace: str, room: str | None, message: Any) -> str:
-	"""The app channel's wire format; a ``TypeError`` naming the event when ``message``
+def encode_json(event: str, value: Any) -> str:
+	"""``value`` as JSON by Frappe's conventions; a ``TypeError`` naming the event when it
 	cannot be encoded, so nothing half-built is ever sent."""
 	try:
-		return json.dumps(
-			{"namespace": namespace, "room": room, "event": event, "message": message},
-			default=json_default,
-			separators=(",", ":"),
-		)
+		return json.dumps(value, default=json_default, separators=(",", ":"))
 	except (TypeError, ValueError) as exc:
 		raise TypeError(f"cannot publish event {event!r}: {exc}") from exc
+
+
+def encode_message(event: str, namespace: str, room: str | None, message: Any) -> str:
+	"""The app channel's wire format, as code outside this package may publish it."""
+	return encode_json(event, {"namespace": namespace, "room": room, "event": event, "message": message})
 
 
 def _running_frappe() -> Any | None:
@@ -105,9 +110,34 @@ def _default_site(frappe: Any | None) -> str:
 	return _standalone_config().default_site or "default"
 
 
-def _send(url: str, payload: str, event: str) -> int:
+def _setting(frappe: Any | None, field: str) -> Any:
+	"""A server setting, read as the server reads it: the site's config inside Frappe."""
+	if frappe is not None:
+		value = frappe.conf.get(f"{APP_NAME}_socketio_{field}")
+		if value is not None:
+			return value
+	return getattr(_standalone_config(), field)
+
+
+def site_of(namespace: str, frappe: Any | None) -> str:
+	"""The site whose log an app namespace's events go to (``default`` is the default site)."""
+	name = namespace[len(rooms.APP_PREFIX) :] if namespace.startswith(rooms.APP_PREFIX) else ""
+	if not name:
+		raise ValueError(f"cannot publish to {namespace!r}: not a namespace of this app ({rooms.APP_PREFIX}<site>)")
+	if name != rooms.DEFAULT_ALIAS:
+		return name
+	if frappe is not None:
+		return frappe.conf.get("default_site") or frappe.local.site
+	return _standalone_config().default_site or rooms.DEFAULT_ALIAS
+
+
+def _send(url: str, site: str, entry: dict[str, str], payload: str, event: str, max_events: int) -> int:
+	"""Append to the site's log and announce on the app channel, both or neither."""
 	try:
-		return int(_redis_client(url).publish(APP_CHANNEL, payload))
+		pipe = _redis_client(url).pipeline(transaction=True)
+		pipe.xadd(log.log_key(site), entry, maxlen=max_events, approximate=True)
+		pipe.publish(APP_CHANNEL, payload)
+		return int(pipe.execute()[1])
 	except Exception as exc:
 		frappe = _running_frappe()
 		if frappe is not None:
@@ -132,17 +162,21 @@ def publish_event(
 	The namespace is ``namespace`` when given, else ``/excel_restaurant_pos/<site>`` where
 	the site is ``site``, else the running Frappe site, else the configured default site.
 	With ``after_commit`` inside Frappe the message is sent when the transaction commits and
-	dropped on rollback. Returns how many realtime servers received it (0 when deferred or
-	when Redis failed).
+	dropped on rollback. Returns how many realtime servers were listening (0 when deferred,
+	when none runs, or when Redis failed; without a server the event still waits in the log
+	for clients that recover). A namespace that is not the app's raises ``ValueError``.
 	"""
 	frappe = _running_frappe()
 	namespace = namespace or rooms.app_namespace(site or _default_site(frappe))
-	payload = encode_message(event, namespace, room, message)
-	url = _redis_url(frappe)
+	message_json = encode_json(event, message)
+	entry = log.entry_fields(event, "app", room, message_json)
+	# Servers deliver from the log; "logged" tells them not to append this message again.
+	payload = encode_json(event, {"namespace": namespace, "room": room, "event": event, "message": message, "logged": True})
+	args = (_redis_url(frappe), site_of(namespace, frappe), entry, payload, event, int(_setting(frappe, "recovery_max_events")))
 	if after_commit and frappe is not None:
-		frappe.db.after_commit.add(lambda: _send(url, payload, event))
+		frappe.db.after_commit.add(lambda: _send(*args))
 		return 0
-	return _send(url, payload, event)
+	return _send(*args)
 
 
 def publish_to_room(room: str, event: str, message: Any, **options: Any) -> int:

@@ -2,7 +2,9 @@
 // stdin: one JSON command per line; stdout: one JSON line per socket event.
 //   {"cmd":"connect","id":"c1","url":"http://127.0.0.1:9001/site","opts":{...},"version":4}
 //   {"cmd":"emit","id":"c1","event":"room:join","args":["kitchen"],"ack":true,"seq":7}
-//   {"cmd":"disconnect","id":"c1"}   {"cmd":"exit"}
+//   {"cmd":"disconnect","id":"c1"}   {"cmd":"drop","id":"c1"}   {"cmd":"exit"}
+// "drop" closes the socket's transport under it, as a lost network does: the client
+// reconnects by itself (and recovers its session when it asked for recovery).
 import { createInterface } from "node:readline";
 import { io as io4 } from "socket.io-client";
 import { io as io3 } from "socket.io-client-v3";
@@ -13,7 +15,7 @@ const out = (item) => process.stdout.write(JSON.stringify(item) + "\n");
 function connect({ id, url, opts, version }) {
 	const socket = (version === 3 ? io3 : io4)(url, opts);
 	sockets.set(id, socket);
-	socket.on("connect", () => out({ id, type: "connect", transport: socket.io.engine.transport.name }));
+	socket.on("connect", () => out({ id, type: "connect", transport: socket.io.engine.transport.name, recovered: socket.recovered ?? null, sid: socket.id, pid: socket._pid ?? null }));
 	socket.on("connect_error", (err) => out({ id, type: "connect_error", message: err.message, data: err.data ?? null }));
 	socket.on("disconnect", (reason) => out({ id, type: "disconnect", reason }));
 	socket.io.on("reconnect", (attempt) => out({ id, type: "reconnect", attempt }));
@@ -32,6 +34,7 @@ const commands = {
 	connect,
 	emit,
 	disconnect: ({ id }) => sockets.get(id)?.disconnect(),
+	drop: ({ id }) => sockets.get(id)?.io.engine.close(),
 	exit: () => {
 		for (const socket of sockets.values()) socket.disconnect();
 		process.exit(0);

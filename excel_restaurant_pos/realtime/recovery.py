@@ -1,0 +1,315 @@
+"""Connection state recovery: sessions that outlive their connection, kept in Redis.
+
+A socket that asks for it (``auth: {token, recover: true}``) gets a session: a ``pid`` its
+client keeps, and the server's record of who it is, which rooms it joined and where it
+stands in its site's event log (:mod:`~excel_restaurant_pos.realtime.log`). When the
+transport drops, or the server restarts, the client comes back with its ``pid`` and the
+offset of the last event it received; if its token names the same user and site and it is
+back within ``recovery_window`` seconds, it gets its rooms back and every event it missed,
+in order, once, before any live event (the Socket.IO v4 recovery protocol, as
+``socket.io-client`` ≥ 4.6 speaks it).
+
+Where replay starts. The client's offset is the truth about what it received, but a client
+that received nothing has none, and one whose last event is old may name an entry the log
+has trimmed. So a session also records the offset of the last event *sent* to it and where
+the log reader stood when it went away (``position``): when nothing was sent after the
+client's offset, nothing for it lies between that offset and ``position`` either, and the
+replay starts at ``position``. Replay never starts before the session began, nor before an
+offset the client reported earlier (a stale offset never replays twice).
+
+Redis keys:
+
+* ``excel_restaurant_pos:process:<process>``: a hash of one process's live sessions
+  (pid → JSON), its log positions and when it last wrote them. Rooms are written as they
+  change; what was sent, every second (:meth:`Recovery.snapshot`), in one transaction with
+  the positions, so the two always agree. It expires ten seconds after ``recovery_window``
+  past its process's last write: the clients of a killed process recover from it.
+* ``excel_restaurant_pos:session:<pid>``: a session whose client went away, recoverable for
+  ``recovery_window`` seconds (kept ten more, to answer a late client "expired").
+
+Live and held sessions (by socket id) are in :attr:`Recovery.live`, which the client
+manager reads for every delivery: a recovering socket's events carry their offset, and a
+socket being restored has them held until its replay is out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from excel_restaurant_pos.realtime import log, metrics, rooms
+from excel_restaurant_pos.realtime.config import APP_NAME, Config
+from excel_restaurant_pos.realtime.log import Delivery
+
+SESSION_PREFIX = f"{APP_NAME}:session:"
+PROCESS_PREFIX = f"{APP_NAME}:process:"
+#: Socket ids a session remembers: room events a client sent are never replayed to it.
+KEPT_SIDS = 8
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Session:
+	"""What a recovering socket's server knows about it; see the module's docstring."""
+
+	pid: str
+	site: str
+	user: str
+	namespace: str
+	#: Rooms the client joined itself (the same set as its Client's ``joined``).
+	joined: set[str]
+	#: The site's log position when the session began.
+	created: str
+	reported: str | None = None
+	last_sent: str | None = None
+	position: str | None = None
+	sids: list[str] = dataclasses.field(default_factory=list)
+	left_at: float | None = None
+	#: While a connect is under way: the live events held back.
+	held: list[Delivery] | None = None
+	#: While restoring: where the replay starts, the events to replay, and where it ends.
+	replay_from: str | None = None
+	replay: list[Delivery] = dataclasses.field(default_factory=list)
+	replayed_to: str | None = None
+
+	def to_json(self) -> str:
+		return json.dumps({
+			"pid": self.pid, "site": self.site, "user": self.user, "namespace": self.namespace,
+			"joined": sorted(self.joined), "created": self.created, "reported": self.reported,
+			"last_sent": self.last_sent, "position": self.position, "sids": self.sids, "left_at": self.left_at,
+		})
+
+	@classmethod
+	def from_json(cls, raw: bytes | str) -> Session:
+		data = json.loads(raw)
+		return cls(
+			pid=data["pid"], site=data["site"], user=data["user"], namespace=data["namespace"],
+			joined=set(data["joined"]), created=data["created"], reported=data.get("reported"),
+			last_sent=data.get("last_sent"), position=data.get("position"), sids=list(data.get("sids") or ()),
+			left_at=data.get("left_at"),
+		)
+
+
+class Recovery:
+	"""The sessions of one server process.
+
+	``positions`` is the log reader's (site → offset); ``abort`` closes a socket's transport
+	at once (used when a session's client comes back while its old socket still looks open).
+	"""
+
+	def __init__(self, config: Config, redis_client: Any, positions: dict[str, str], abort: Callable[[str, str], None]):
+		self.window = config.recovery_window
+		self.max_events = config.recovery_max_events
+		self.redis = redis_client
+		self.positions = positions
+		self.abort = abort
+		self.process = secrets.token_hex(4)
+		self.process_key = PROCESS_PREFIX + self.process
+		#: Socket id → session, for every recovering socket of this process.
+		self.live: dict[str, Session] = {}
+		self._pids: dict[str, str] = {}
+		self._written: dict[str, str | None] = {}
+		self._snapshot_failing = False
+
+	def wants(self, auth: Any, site: str) -> bool:
+		"""Whether a handshake asks for recovery and it can be given (the log was reached)."""
+		return self.window > 0 and isinstance(auth, dict) and auth.get("recover") is True and site in self.positions
+
+	# -- connect --------------------------------------------------------------------------
+
+	def hold(self, sid: str, namespace: str, site: str) -> Session:
+		"""Start a recovering socket's session, holding back its live events until the
+		connect is complete (see :meth:`connected`)."""
+		session = Session(secrets.token_urlsafe(12), site, "", namespace, set(), self.positions[site], held=[])
+		session.pid = f"{self.process}.{session.pid}"
+		self.live[sid] = session
+		return session
+
+	def drop(self, sid: str) -> None:
+		"""Forget a socket whose connect was refused or whose client left before it ended."""
+		session = self.live.pop(sid, None)
+		if session is not None:
+			self._pids.pop(session.pid, None)
+
+	def restore(self, sid: str, user: str, auth: dict) -> tuple[Session, bool]:
+		"""Turn the held session of ``sid`` into the one its ``pid`` names, when it may be;
+		otherwise keep it as a new session. Returns the session and whether it was restored."""
+		session = self.live[sid]
+		session.user = user
+		pid = auth.get("pid")
+		if not isinstance(pid, str) or not pid:
+			return self._begin(sid, session), False
+		try:
+			result, stored = self._claim(pid, session, user)
+		except Exception as exc:  # Redis is down or the record is damaged: start afresh
+			logger.warning("recovery unavailable site=%s user=%s: %s", session.site, user, exc)
+			return self._begin(sid, session), False
+		if stored is not None:
+			offset = auth.get("offset") if log.is_offset(auth.get("offset")) else None
+			start = log.later(offset, log.later(stored.created, stored.reported))
+			if stored.last_sent is None or log.offset_key(stored.last_sent) <= log.offset_key(start):
+				start = log.later(start, stored.position)
+			if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
+				result, stored = "expired", None  # what it missed is no longer in the log
+		if stored is None:
+			metrics.RECOVERIES.labels(result).inc()
+			logger.info("recovery refused (%s) site=%s user=%s", result, session.site, user)
+			return self._begin(sid, session), False
+		stored.held, stored.reported = session.held, log.later(offset, stored.reported)
+		stored.replay_from = stored.replayed_to = start
+		stored.sids = [*stored.sids[-(KEPT_SIDS - 1) :], sid]
+		self.live[sid] = stored
+		self._pids[stored.pid] = sid
+		return stored, True
+
+	def _begin(self, sid: str, session: Session) -> Session:
+		session.sids = [sid]
+		self._pids[session.pid] = sid
+		return session
+
+	def start_over(self, sid: str) -> Session:
+		"""A restore whose replay could not be read becomes a new session (a new ``pid``, so
+		the client knows to fetch its state again) rather than a recovery with a hole."""
+		old = self.live.pop(sid)
+		self._pids.pop(old.pid, None)
+		session = self.hold(sid, old.namespace, old.site)
+		session.user, session.joined, session.held = old.user, old.joined, old.held
+		metrics.RECOVERIES.labels("expired").inc()
+		return self._begin(sid, session)
+
+	def rooms_changed(self, sid: str) -> None:
+		"""A live session's client joined or left a room: store it now."""
+		session = self.live.get(sid)
+		if session is not None:
+			self.save(session)
+
+	def _claim(self, pid: str, session: Session, user: str) -> tuple[str, Session | None]:
+		"""Load the session ``pid`` names and take it for this socket: ``(result, session)``,
+		with ``None`` when it cannot be recovered. Another user's token takes nothing."""
+		old_sid = self._pids.get(pid)
+		if old_sid is not None:  # its old socket has not noticed yet that its client left
+			old = self.live.get(old_sid)
+			if old is None or (old.user, old.site, old.namespace) != (user, session.site, session.namespace):
+				return "user_mismatch", None
+			self.abort(old_sid, old.namespace)  # runs its disconnect, which stores the session
+		key = SESSION_PREFIX + pid
+		raw = self.redis.get(key)
+		process_key = None
+		if raw is None:  # a session of a process that stopped without saying goodbye?
+			process_key = PROCESS_PREFIX + pid.partition(".")[0]
+			raw, seen, positions = self.redis.hmget(process_key, [pid, "@seen", "@positions"])
+			if raw is None:
+				return "unknown_pid", None
+		stored = Session.from_json(raw)
+		if (stored.user, stored.site, stored.namespace) != (user, session.site, session.namespace):
+			return "user_mismatch", None
+		if process_key is None:
+			taken = self.redis.delete(key)
+		else:
+			stored.left_at = float(seen) if seen else time.time()
+			stored.position = json.loads(positions).get(stored.site) if positions else None
+			taken = self.redis.hdel(process_key, pid)
+		if not taken:
+			return "unknown_pid", None  # another connect took it first
+		if stored.left_at is None or time.time() - stored.left_at > self.window:
+			return "expired", None
+		return "recovered", stored
+
+	def replay(self, session: Session, scope_namespaces: Callable[[str], tuple[str, ...]], auto_rooms: tuple[str, ...]) -> None:
+		"""Read what a restored session missed, up to where the log reader stands: what lies
+		beyond reaches the session through the reader, held until the replay is out. (Its
+		socket is in its rooms by now, so nothing falls between the two.)"""
+		wanted = set(auto_rooms) | session.joined
+		for delivery in log.read_after(self.redis, session.site, session.replayed_to):
+			if log.offset_key(delivery.offset) > log.offset_key(self.positions[session.site]):
+				break
+			session.replayed_to = delivery.offset
+			if (delivery.room is None or delivery.room in wanted) and delivery.skip not in session.sids and session.namespace in scope_namespaces(delivery.scope):
+				session.replay.append(delivery)
+		metrics.RECOVERIES.labels("recovered").inc()
+
+	def connected(self, sid: str, send: Callable[[Delivery], None]) -> int:
+		"""The CONNECT reply is out: send the replay, then what was held back (less what the
+		replay already covered), and let live events through. Returns how many were replayed."""
+		session = self.live.get(sid)
+		if session is None or session.held is None:
+			return 0
+		until, replayed = session.replayed_to, len(session.replay)
+		pending = session.replay + [d for d in session.held if until is None or log.offset_key(d.offset) > log.offset_key(until)]
+		session.held, session.replay = None, []
+		for delivery in pending:
+			send(delivery)
+		if pending:
+			session.last_sent = pending[-1].offset
+		return replayed
+
+	# -- state in Redis -------------------------------------------------------------------
+
+	def save(self, session: Session) -> None:
+		"""Write a live session's record now (at connect and when its rooms change)."""
+		try:
+			pipe = self.redis.pipeline(transaction=True)
+			pipe.hset(self.process_key, session.pid, session.to_json())
+			pipe.expire(self.process_key, self._ttl())
+			pipe.execute()
+			self._written[session.pid] = session.last_sent
+		except Exception as exc:
+			logger.warning("could not store session of site=%s user=%s: %s", session.site, session.user, exc)
+
+	def close(self, sid: str) -> None:
+		"""The socket is gone: keep its session for ``recovery_window`` seconds."""
+		session = self.live.pop(sid, None)
+		if session is None:
+			return
+		self._pids.pop(session.pid, None)
+		self._written.pop(session.pid, None)
+		if session.held is not None:
+			if session.replay_from is None:
+				return  # a new session whose client never heard of it
+			session.position = session.replay_from  # a restore that did not finish: as it was
+		else:
+			session.position = self.positions.get(session.site)
+		session.left_at = time.time()
+		try:
+			pipe = self.redis.pipeline(transaction=True)
+			pipe.set(SESSION_PREFIX + session.pid, session.to_json(), ex=self._ttl())
+			pipe.hdel(self.process_key, session.pid)
+			pipe.execute()
+		except Exception as exc:
+			logger.warning("could not keep session of site=%s user=%s for recovery: %s", session.site, session.user, exc)
+
+	def snapshot(self) -> None:
+		"""Write what was sent to each session since the last snapshot, with the positions,
+		so a process killed without warning leaves its clients recoverable."""
+		if not self.live and not self._written:
+			return
+		try:
+			self._write_snapshot()
+			self._snapshot_failing = False
+		except Exception as exc:
+			if not self._snapshot_failing:
+				logger.warning("could not store sessions (%s); retrying every second", exc)
+			self._snapshot_failing = True
+
+	def _write_snapshot(self) -> None:
+		changed = {
+			session.pid: session.to_json()
+			for session in self.live.values()
+			if session.held is None and self._written.get(session.pid, "") != session.last_sent
+		}
+		pipe = self.redis.pipeline(transaction=True)
+		pipe.hset(self.process_key, mapping={**changed, "@seen": repr(time.time()), "@positions": json.dumps(self.positions)})
+		pipe.expire(self.process_key, self._ttl())
+		pipe.execute()
+		for session in self.live.values():
+			if session.pid in changed:
+				self._written[session.pid] = session.last_sent
+
+	def _ttl(self) -> int:
+		"""Records outlive the window a little, so a late client hears "expired", not "unknown"."""
+		return int(self.window) + 10
