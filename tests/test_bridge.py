@@ -3,6 +3,7 @@ a real Redis that goes away and comes back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -14,8 +15,10 @@ import redis
 from harness import wait_for
 from prometheus_client import REGISTRY
 
-from excel_restaurant_pos.realtime.bridge import FRAPPE_CHANNEL, BadMessage, Bridge, Delivery, Parser
+from excel_restaurant_pos.realtime import log
+from excel_restaurant_pos.realtime.bridge import FRAPPE_CHANNEL, BadMessage, Bridge, Parser
 from excel_restaurant_pos.realtime.config import Config, load_config
+from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.utils import APP_CHANNEL, publish_event
 
 SITES = ("site1.local", "site2.local")
@@ -57,7 +60,7 @@ def test_frappe_v15_message(parser):
 
 	assert parser.parse(FRAPPE_CHANNEL, raw) == Delivery(
 		site="site1.local",
-		namespaces=("/site1.local", "/excel_restaurant_pos/site1.local"),
+		scope="site",
 		room="doc:ToDo/1",
 		event="doc_update",
 		message={"doctype": "ToDo", "name": "1", "modified": "2024-01-02 03:04:05"},
@@ -74,13 +77,13 @@ def test_frappe_message_without_room_goes_to_the_whole_namespace(parser, room):
 
 	assert delivery.site == "site2.local"
 	assert delivery.room is None
-	assert delivery.namespaces == ("/site2.local", "/excel_restaurant_pos/site2.local")
+	assert delivery.scope == "site"
 
 
 def test_frappe_v14_message_takes_the_site_from_the_room(parser):
 	delivery = parser.parse(FRAPPE_CHANNEL, v14("doc_update", {"name": "1"}, "site1.local:doc:ToDo/1"))
 
-	assert delivery == Delivery("site1.local", ("/site1.local", "/excel_restaurant_pos/site1.local"), "doc:ToDo/1", "doc_update", {"name": "1"})
+	assert delivery == Delivery("site1.local", "site", "doc:ToDo/1", "doc_update", {"name": "1"})
 
 
 @pytest.mark.parametrize(
@@ -90,17 +93,6 @@ def test_frappe_v14_rooms_have_the_same_name_as_v15(parser, room, expected):
 	delivery = parser.parse(FRAPPE_CHANNEL, v14("eval_js", "x", room))
 
 	assert (delivery.site, delivery.room) == ("site2.local", expected)
-
-
-def test_default_site_events_also_reach_the_default_alias():
-	parser = Parser(SITES, "site1.local")
-
-	assert parser.parse(FRAPPE_CHANNEL, v15("e", 1, "all")).namespaces == (
-		"/site1.local",
-		"/excel_restaurant_pos/site1.local",
-		"/excel_restaurant_pos/default",
-	)
-	assert parser.parse(FRAPPE_CHANNEL, v15("e", 1, "all", site="site2.local")).namespaces == ("/site2.local", "/excel_restaurant_pos/site2.local")
 
 
 @pytest.mark.parametrize(
@@ -124,7 +116,7 @@ def test_unknown_site_on_frappe_channel(parser, raw):
 def test_app_message(parser):
 	delivery = parser.parse(APP_CHANNEL, app("order:new", {"order_id": "ORD-001"}, "kitchen"))
 
-	assert delivery == Delivery("site1.local", ("/excel_restaurant_pos/site1.local",), "kitchen", "order:new", {"order_id": "ORD-001"})
+	assert delivery == Delivery("site1.local", "app", "kitchen", "order:new", {"order_id": "ORD-001"})
 
 
 def test_app_message_never_reaches_frappes_namespace():
@@ -133,26 +125,28 @@ def test_app_message_never_reaches_frappes_namespace():
 	delivery = parser.parse(APP_CHANNEL, app("order:new", {}, None))
 
 	assert delivery.room is None
-	assert delivery.namespaces == ("/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default")
+	assert delivery.scope == "app"
 
 
 def test_app_message_to_the_default_alias():
 	delivery = Parser(SITES, "site2.local").parse(APP_CHANNEL, app("e", 1, "r", namespace="/excel_restaurant_pos/default"))
 
 	assert delivery.site == "site2.local"
-	assert delivery.namespaces == ("/excel_restaurant_pos/site2.local", "/excel_restaurant_pos/default")
+	assert delivery.scope == "app"
 
 
 def test_app_message_as_publish_event_writes_it(parser, monkeypatch):
-	"""What the publish helpers put on the wire is what the bridge reads."""
-	sent: list[str] = []
-	monkeypatch.setattr("excel_restaurant_pos.realtime.utils._send", lambda url, payload, event: sent.append(payload) or 1)
+	"""What the publish helpers log is what the log reader delivers, and what they announce
+	on the channel the bridge does not log a second time."""
+	sent: list[tuple] = []
+	monkeypatch.setattr("excel_restaurant_pos.realtime.utils._send", lambda *args: sent.append(args) or 1)
 
 	publish_event("order:new", {"order_id": "ORD-009"}, "kitchen", site="site2.local")
 
-	assert parser.parse(APP_CHANNEL, sent[0]) == Delivery(
-		"site2.local", ("/excel_restaurant_pos/site2.local",), "kitchen", "order:new", {"order_id": "ORD-009"}
-	)
+	_, site, entry, payload, _, _ = sent[0]
+	assert log.decode(site, "1-0", entry) == Delivery("site2.local", "app", "kitchen", "order:new", {"order_id": "ORD-009"}, "1-0")
+	assert parser.parse(APP_CHANNEL, payload) is None
+	assert parser.parse(APP_CHANNEL, payload.replace(',"logged":true', "")) == Delivery("site2.local", "app", "kitchen", "order:new", {"order_id": "ORD-009"})
 
 
 @pytest.mark.parametrize(
@@ -201,13 +195,22 @@ def test_malformed(parser, channel, raw, reason):
 
 
 class Running:
-	"""A started bridge, its deliveries and its reader threads."""
+	"""A started bridge that logs what it reads, as the server does, and the deliveries its
+	log reader makes (without their offsets), and its reader threads."""
 
 	def __init__(self, config: Config):
-		self.deliveries: list[Delivery] = []
+		self.log: list[Delivery] = []
 		self.threads: list[threading.Thread] = []
-		self.bridge = Bridge(config, self.deliveries.append, retry_max=0.5)
+		self.redis = redis.Redis.from_url(config.redis_queue)
+		self.bridge = Bridge(config, self.append, self.log.append, retry_max=0.5)
 		self.bridge.start(self.spawn)
+
+	def append(self, delivery: Delivery) -> None:
+		log.append(self.redis, delivery, 1000)
+
+	@property
+	def deliveries(self) -> list[Delivery]:
+		return [dataclasses.replace(delivery, offset=None) for delivery in self.log]
 
 	def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
 		thread = threading.Thread(target=fn, args=args, daemon=True)
@@ -262,10 +265,8 @@ def test_bridge_skips_bad_messages_and_delivers_good_ones(start_bridge, redis_se
 		wait_for(lambda: len(running.deliveries) >= 2, 10, message="two deliveries")
 
 	assert running.deliveries == [
-		Delivery(
-			"site1.local", ("/site1.local", "/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default"), "doc:ToDo/1", "doc_update", {"name": "1"}
-		),
-		Delivery("site2.local", ("/excel_restaurant_pos/site2.local",), "kitchen", "order:new", {"order_id": "ORD-001"}),
+		Delivery("site1.local", "site", "doc:ToDo/1", "doc_update", {"name": "1"}),
+		Delivery("site2.local", "app", "kitchen", "order:new", {"order_id": "ORD-001"}),
 	]
 	assert running.bridge.connected
 	assert messages_counted(FRAPPE_CHANNEL, "malformed") - malformed_before == 2
@@ -321,7 +322,7 @@ def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeyp
 		wait_for(lambda: running.deliveries, 10, message="delivery after the outage")
 
 	assert running.deliveries == [
-		Delivery("site1.local", ("/excel_restaurant_pos/site1.local", "/excel_restaurant_pos/default"), "kitchen", "order:new", {"order_id": "ORD-002"})
+		Delivery("site1.local", "app", "kitchen", "order:new", {"order_id": "ORD-002"})
 	]
 	outage_lines = [record for record in caplog.records if "unavailable" in record.getMessage()]
 	assert len(outage_lines) == 1, "an outage is logged once, not once per retry"
@@ -339,7 +340,7 @@ def test_bridge_reads_frappe_v14_events_from_redis_socketio(start_bridge, redis_
 	socketio.publish(FRAPPE_CHANNEL, v14("list_update", {"doctype": "ToDo"}, "site2.local:doctype:ToDo"))
 	wait_for(lambda: running.deliveries, 10, message="v14 delivery")
 	assert running.deliveries == [
-		Delivery("site2.local", ("/site2.local", "/excel_restaurant_pos/site2.local"), "doctype:ToDo", "list_update", {"doctype": "ToDo"})
+		Delivery("site2.local", "site", "doctype:ToDo", "list_update", {"doctype": "ToDo"})
 	]
 
 	own_redis.stop()

@@ -20,7 +20,7 @@ import redis
 from fake_frappe import installed
 from harness import free_port, wait_for
 
-from excel_restaurant_pos.realtime import utils
+from excel_restaurant_pos.realtime import log, utils
 from excel_restaurant_pos.realtime.utils import APP_CHANNEL, publish_event, publish_to_room, publish_to_user
 
 
@@ -94,14 +94,14 @@ def test_publish_event_wire_format(listener):
 	channel, data = listener.next()
 	assert sent == 1
 	assert channel == "excel_restaurant_pos_events"
-	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:new", "message": {"order_id": "ORD-001"}}
+	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:new", "message": {"order_id": "ORD-001"}, "logged": True}
 
 
 def test_no_room_means_the_whole_namespace(listener):
 	publish_event("menu:changed", None, site="site1.local")
 
 	_, data = listener.next()
-	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": None, "event": "menu:changed", "message": None}
+	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": None, "event": "menu:changed", "message": None, "logged": True}
 
 
 def test_explicit_namespace_wins_over_site(listener):
@@ -129,7 +129,7 @@ def test_publish_to_room(listener):
 	assert publish_to_room("table:12", "order:ready", {"order_id": "ORD-002"}, site="site1.local") == 1
 
 	_, data = listener.next()
-	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "table:12", "event": "order:ready", "message": {"order_id": "ORD-002"}}
+	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "table:12", "event": "order:ready", "message": {"order_id": "ORD-002"}, "logged": True}
 
 
 def test_publish_to_user(listener):
@@ -139,6 +139,37 @@ def test_publish_to_user(listener):
 	assert data["room"] == "user:waiter@example.com"
 	assert data["event"] == "call:waiter"
 	assert data["message"] == {"table": 5}
+
+
+# -- the log ---------------------------------------------------------------------------
+
+
+def test_every_event_is_kept_in_its_sites_log_even_with_no_server(redis_url):
+	"""Nobody listens, yet the events wait for the clients that will recover them."""
+	assert publish_to_room("kitchen", "order:new", {"order_id": "ORD-010"}, site="site1.local") == 0
+	assert publish_event("menu:changed", None, site="site1.local") == 0
+
+	entries = redis.Redis.from_url(redis_url).xrange("excel_restaurant_pos:log:site1.local")
+	assert [log.decode("site1.local", offset, fields) for offset, fields in entries] == [
+		log.Delivery("site1.local", "app", "kitchen", "order:new", {"order_id": "ORD-010"}, entries[0][0].decode()),
+		log.Delivery("site1.local", "app", None, "menu:changed", None, entries[1][0].decode()),
+	]
+
+
+def test_the_log_is_bounded(redis_url, monkeypatch):
+	monkeypatch.setenv("EXCEL_RESTAURANT_POS_SOCKETIO_RECOVERY_MAX_EVENTS", "100")
+	utils._standalone_config.cache_clear()
+	for n in range(1_000):
+		publish_event("tick", n, site="site1.local")
+
+	length = redis.Redis.from_url(redis_url).xlen("excel_restaurant_pos:log:site1.local")
+	assert 100 <= length < 300  # trimmed by whole blocks ("MAXLEN ~"), which is what keeps it cheap
+
+
+def test_a_namespace_of_another_app_is_refused(listener):
+	with pytest.raises(ValueError, match="not a namespace of this app"):
+		publish_event("ping", {}, namespace="/site1.local")
+	listener.nothing_before_marker()
 
 
 # -- subscribers counted ---------------------------------------------------------------
@@ -227,7 +258,7 @@ def test_inside_frappe_site_and_redis_come_from_the_running_site(listener, frapp
 	assert publish_event("order:new", {"order_id": "ORD-004"}, "kitchen") == 1
 
 	_, data = listener.next()
-	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:new", "message": {"order_id": "ORD-004"}}
+	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:new", "message": {"order_id": "ORD-004"}, "logged": True}
 	assert frappe.errors_logged == []
 
 
@@ -259,7 +290,7 @@ def test_after_commit_sends_on_commit(listener, frappe):
 	assert frappe.db.after_commit.run() == [1]
 
 	_, data = listener.next()
-	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:paid", "message": {"order_id": "ORD-005"}}
+	assert data == {"namespace": "/excel_restaurant_pos/site1.local", "room": "kitchen", "event": "order:paid", "message": {"order_id": "ORD-005"}, "logged": True}
 
 
 def test_after_commit_dropped_on_rollback(listener, frappe):

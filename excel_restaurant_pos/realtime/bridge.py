@@ -213,7 +213,10 @@ class Bridge:
 			logger.warning("redis %s is back", url)
 
 	def _read_channels(self, client: Any, reader: tuple[str, str]) -> Any:
-		"""Subscribe, say so once (by yielding), then read until stopped."""
+		"""Subscribe once the log reader knows where the logs stand (what is logged from
+		then on is delivered), say so (by yielding), then read until stopped."""
+		while self._running and not self.ready:
+			time.sleep(0.05)
 		pubsub = self._connections[reader] = client.pubsub(ignore_subscribe_messages=True)
 		pubsub.subscribe(*self.subscriptions[reader[0]])
 		logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
