@@ -85,6 +85,7 @@ class Scenario:
 	join: bool = True
 	concurrency: int = 0  # connects in flight per loadgen worker; 0 = all at once
 	settle_s: float = 0.0  # wait before reading RSS after the connect phase
+	recover: bool = False  # every client asks for connection state recovery
 
 	@property
 	def namespace(self) -> str:
@@ -109,17 +110,21 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
 	return {
 		"S1": Scenario("S1", "room events, app channel", n(1000), 10, n(2000), 400.0),
 		"S1z": Scenario("S1z", "S1 with permessage-deflate offered and enabled", n(1000), 10, n(2000), 400.0, compression=True),
+		"S1r": Scenario("S1r", "S1 with every client recovering (auth recover: true)", n(1000), 10, n(2000), 400.0, recover=True),
 		"S2": Scenario("S2", "namespace broadcasts, Frappe v15 events channel", n(1000), 1, n(200), 10.0, room_events=False, channel="frappe"),
 		"S3f": Scenario("S3f", "connection storm, frappe auth", n(2000), 10, auth_mode="frappe", join=False),
 		"S3j": Scenario("S3j", "connection storm, jwt auth", n(2000), 10, auth_mode="jwt", join=False),
 		"S4": Scenario("S4", "paced room events, websocket", n(500), 10, int(50 * (2 if quick else 10)), 50.0),
+		"S4r": Scenario("S4r", "S4 with every client recovering", n(500), 10, int(50 * (2 if quick else 10)), 50.0, recover=True),
 		"S5": Scenario("S5", "paced room events, long-polling", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling"),
 		"S6": Scenario("S6", "idle websocket clients", n(10000), 100, concurrency=500, settle_s=3.0),
 		"S7": Scenario("S7", "multi-process server", 0),
 	}
 
 
-ORDER_OF_SCENARIOS = ("S1", "S1z", "S2", "S3f", "S3j", "S4", "S5", "S6", "S7")
+ORDER_OF_SCENARIOS = ("S1", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S6", "S7")
+#: Product-only comparisons printed under the table: (base, variant, what the variant turns on).
+VARIANTS = (("S1", "S1z", "permessage-deflate"), ("S1", "S1r", "recovery"), ("S4", "S4r", "recovery"))
 SKIPPED = {"S7": "skipped: the product has no multi-process mode yet (one process serves all clients)."}
 
 
@@ -235,6 +240,8 @@ class LoadGen:
 			self.command.append("--deflate")
 		if not scenario.join:
 			self.command.append("--no-join")
+		if scenario.recover:
+			self.command.append("--recover")
 		self._err = open(log, "ab")
 		self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1, preexec_fn=_raise_nofile)
 		self.lines: queue.Queue[dict | None] = queue.Queue()
@@ -438,10 +445,12 @@ METRICS = [
 SHOWN = {
 	"S1": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms", "server CPU ms/connect", "RSS KiB/connection"},
 	"S1z": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
+	"S1r": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
 	"S2": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
 	"S3f": {"connected", "failed connects", "connects/s", "connect phase s", "server CPU ms/connect"},
 	"S3j": {"connected", "failed connects", "connects/s", "connect phase s", "server CPU ms/connect"},
 	"S4": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
+	"S4r": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S5": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S6": {"connected", "failed connects", "connects/s", "RSS KiB/connection", "server CPU ms/connect"},
 }
@@ -482,13 +491,15 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 				b = median_of(results[name].get("baseline", []), path)
 				row += f" {fmt.format(b) if b is not None else '—'} |"
 			rows.append(row)
-	if "S1" in results and "S1z" in results:
-		rows += ["", "Product, permessage-deflate off (S1) vs on (S1z):", "", "| metric | off | on | on/off |", "|---|---:|---:|---:|"]
+	for base, variant, feature in VARIANTS:
+		if base not in results or variant not in results:
+			continue
+		rows += ["", f"Product, {feature} off ({base}) vs on ({variant}):", "", "| metric | off | on | on/off |", "|---|---:|---:|---:|"]
 		for label, path, fmt in METRICS:
-			if label not in SHOWN["S1z"]:
+			if label not in SHOWN[variant]:
 				continue
-			off = median_of(results["S1"].get("product", []), path)
-			on = median_of(results["S1z"].get("product", []), path)
+			off = median_of(results[base].get("product", []), path)
+			on = median_of(results[variant].get("product", []), path)
 			ratio = f"{on / off:.2f}" if on is not None and off not in (None, 0) else "—"
 			rows.append(f"| {label} | {fmt.format(off) if off is not None else '—'} | {fmt.format(on) if on is not None else '—'} | {ratio} |")
 	return "\n".join(rows)

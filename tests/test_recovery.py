@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import socket
 import threading
 import time
 
@@ -309,3 +310,43 @@ def test_exactly_once_and_in_order_through_random_drops(proxied, js, publish, tr
 	assert numbers == list(range(total)), f"{len(numbers)} events, first differences at {next((i for i, (a, b) in enumerate(zip(numbers, range(total))) if a != b), None)}"
 	assert all(item["recovered"] for item in connects(js, "kitchen")[1:])
 	assert drops > 3
+
+
+def events_of(ws: websocket.WebSocket, until: str) -> list[list]:
+	"""Read Socket.IO events off a raw websocket (answering pings) up to the event ``until``."""
+	prefix, got = f"42{NS},", []
+	while True:
+		frame = ws.recv()
+		if frame == "2":
+			ws.send("3")
+		elif frame.startswith(prefix):
+			got.append(json.loads(frame[len(prefix) :]))
+			if got[-1][0] == until:
+				return got
+
+
+def test_a_client_cut_off_for_not_reading_recovers_the_rest(realtime, publish):
+	server = realtime(slow_client_seconds=1)
+	bearer = token("cook@example.com")
+	stalled = websocket.create_connection(
+		f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
+	)
+	assert stalled.recv().startswith("0{")
+	stalled.send(f"40{NS}," + json.dumps({"token": bearer, "recover": True}))
+	pid = json.loads(stalled.recv()[len(f"40{NS},") :])["pid"]
+	stalled.send(f"42{NS}," + json.dumps(["room:join", "firehose"]))
+	wait_for(lambda: '"firehose"' in stalled.recv(), 10, message="room:joined")
+	# From here on it reads nothing: a tablet whose app froze, its socket still open.
+	chunk = "x" * 20_000
+	for n in range(300):
+		publish.publish_to_room("firehose", "bulk", {"n": n, "data": chunk})
+	wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1, 30, message="the stalled client to be cut off")
+	stalled.close()
+
+	publish.publish_to_room("firehose", "end", {})
+	back, reply = raw_connect(server.port, {"token": bearer, "recover": True, "pid": pid})
+	assert reply["pid"] == pid  # recovered: the client library would say socket.recovered
+	got = events_of(back, "end")
+	back.close()
+	assert [args[1]["n"] for args in got if args[0] == "bulk"] == list(range(300))
+	assert all(isinstance(args[-1], str) for args in got)

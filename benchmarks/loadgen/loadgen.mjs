@@ -59,6 +59,7 @@ function parseArgs(argv) {
 			case "--deflate": opts.deflate = true; break;
 			case "--via": opts.via = value(); break;
 			case "--no-join": opts.join = false; break;
+			case "--recover": opts.recover = true; break;
 			case "--worker": opts.worker = true; break;
 			default: throw new Error(`unknown option ${flag}`);
 		}
@@ -99,6 +100,8 @@ function runWorker(opts) {
 		};
 		if (opts.via === "header") options.extraHeaders = { Authorization: `Bearer ${token}` };
 		else options.auth = { token };
+		// Connection state recovery, as the README shows it (the header carries no options).
+		if (opts.recover) options.auth = { ...options.auth, recover: true };
 		return options;
 	}
 
