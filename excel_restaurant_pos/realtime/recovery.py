@@ -144,18 +144,16 @@ class Recovery:
 		pid = auth.get("pid")
 		if not isinstance(pid, str) or not pid:
 			return self._begin(sid, session), False
+		offset = auth.get("offset") if log.is_offset(auth.get("offset")) else None
 		try:
 			result, stored = self._claim(pid, session, user)
+			if stored is not None:
+				start = self._replay_start(stored, offset)
+				if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
+					result, stored = "expired", None  # what it missed is no longer in the log
 		except Exception as exc:  # Redis is down or the record is damaged: start afresh
 			logger.warning("recovery unavailable site=%s user=%s: %s", session.site, user, exc)
 			return self._begin(sid, session), False
-		if stored is not None:
-			offset = auth.get("offset") if log.is_offset(auth.get("offset")) else None
-			start = log.later(offset, log.later(stored.created, stored.reported))
-			if stored.last_sent is None or log.offset_key(stored.last_sent) <= log.offset_key(start):
-				start = log.later(start, stored.position)
-			if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
-				result, stored = "expired", None  # what it missed is no longer in the log
 		if stored is None:
 			metrics.RECOVERIES.labels(result).inc()
 			logger.info("recovery refused (%s) site=%s user=%s", result, session.site, user)
@@ -166,6 +164,16 @@ class Recovery:
 		self.live[sid] = stored
 		self._pids[stored.pid] = sid
 		return stored, True
+
+	@staticmethod
+	def _replay_start(stored: Session, offset: str | None) -> str:
+		"""Where the replay of a stored session starts (see the module's docstring): after the
+		client's offset, never before the session began or an offset it reported before, and
+		past the reader's position when nothing was sent after that point."""
+		start = log.later(offset, log.later(stored.created, stored.reported))
+		if stored.last_sent is None or log.offset_key(stored.last_sent) <= log.offset_key(start):
+			start = log.later(start, stored.position)
+		return start
 
 	def _begin(self, sid: str, session: Session) -> Session:
 		session.sids = [sid]
