@@ -198,15 +198,16 @@ class TcpProxy:
 				client, _ = self.listener.accept()
 			except OSError:
 				return
-			if self.refusing:
-				_reset(client)
-				continue
 			try:
 				upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
 			except OSError:
 				_reset(client)
 				continue
-			with self._lock:
+			with self._lock:  # a kill() from here on sees this pair
+				if self.refusing:
+					_reset(client)
+					upstream.close()
+					continue
 				self.connections.update((client, upstream))
 			for source, sink in ((client, upstream), (upstream, client)):
 				threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
