@@ -195,18 +195,14 @@ def test_malformed(parser, channel, raw, reason):
 
 
 class Running:
-	"""A started bridge that logs what it reads, as the server does, and the deliveries its
-	log reader makes (without their offsets), and its reader threads."""
+	"""A started bridge, the deliveries its log reader makes (without their offsets), and its
+	reader threads."""
 
 	def __init__(self, config: Config):
 		self.log: list[Delivery] = []
 		self.threads: list[threading.Thread] = []
-		self.redis = redis.Redis.from_url(config.redis_queue)
-		self.bridge = Bridge(config, self.append, self.log.append, retry_max=0.5)
+		self.bridge = Bridge(config, redis.Redis.from_url(config.redis_queue), "test", self.log.append, retry_max=0.5)
 		self.bridge.start(self.spawn)
-
-	def append(self, delivery: Delivery) -> None:
-		log.append(self.redis, delivery, 1000)
 
 	@property
 	def deliveries(self) -> list[Delivery]:

@@ -2,8 +2,10 @@
 
 Two kinds of reader, each on its own connection:
 
-* the channel readers take the pub/sub channels below and hand each message, parsed, to
-  ``ingest``, which appends it to its site's event log (:mod:`~excel_restaurant_pos.realtime.log`);
+* the channel readers take the pub/sub channels below and hand each message to an
+  :class:`~excel_restaurant_pos.realtime.ingest.Ingester`, which appends it, parsed, to its
+  site's event log (:mod:`~excel_restaurant_pos.realtime.log`) exactly once however many
+  processes read the channel;
 * the log reader takes the sites' logs in order and hands each entry to ``deliver``.
 
 The channels are:
@@ -31,6 +33,7 @@ from typing import Any
 
 from excel_restaurant_pos.realtime import log, metrics, rooms
 from excel_restaurant_pos.realtime.config import Config
+from excel_restaurant_pos.realtime.ingest import LEASE_CHECK_S, Ingester
 from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.utils import APP_CHANNEL
 
@@ -104,9 +107,8 @@ class Bridge:
 	an outage reading resumes from it, so nothing appended meanwhile is skipped.
 	"""
 
-	def __init__(self, config: Config, ingest: Callable[[Delivery], None], deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
+	def __init__(self, config: Config, redis_client: Any, holder: str, deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
 		self.parser = Parser(config.sites, config.default_site)
-		self.ingest = ingest
 		self.deliver = deliver
 		self.retry_max = retry_max
 		self.sites = config.sites
@@ -117,6 +119,7 @@ class Bridge:
 		#: (Redis URL, what is read there) → whether that reader is connected.
 		self._up: dict[tuple[str, str], bool] = {(url, "channels"): False for url in self.subscriptions}
 		self._up[(config.redis_queue, "log")] = False
+		self.ingesters = {url: Ingester(redis_client, url, holder, config.recovery_max_events, self.parse, self.skip) for url in self.subscriptions}
 		self._connections: dict[tuple[str, str], Any] = {}
 		self._outages: set[str] = set()
 		self._running = False
@@ -134,30 +137,29 @@ class Bridge:
 		self._running = True
 		for reader in self._up:
 			spawn(self._keep_reading, reader)
+		spawn(self._keep_leases)
 
 	def stop(self) -> None:
 		self._running = False
+		for ingester in self.ingesters.values():
+			ingester.release()
 		for connection in list(self._connections.values()):
 			try:
 				connection.close()
 			except Exception:  # closing a broken connection may raise; we are leaving anyway
 				pass
 
-	def handle(self, channel: str, raw: bytes | str) -> None:
-		"""Parse and ingest one message; a bad one is logged and counted, never raised."""
-		try:
-			delivery = self.parser.parse(channel, raw)
-		except BadMessage as exc:
-			metrics.REDIS_MESSAGES.labels(channel, exc.result).inc()
-			logger.warning("skipped message on %r: %s: %.200r", channel, exc, raw)
-			return
+	def parse(self, channel: str, raw: bytes | str) -> Delivery | None:
+		"""What a channel message asks to log (``None``: nothing); :class:`BadMessage` when
+		it cannot be used."""
+		delivery = self.parser.parse(channel, raw)
 		metrics.REDIS_MESSAGES.labels(channel, "ok").inc()
-		if delivery is None:
-			return
-		try:
-			self.ingest(delivery)
-		except Exception as exc:
-			logger.error("could not log %r from %r, so it is lost: %s", delivery.event, channel, exc)
+		return delivery
+
+	def skip(self, channel: str, raw: bytes | str, exc: Exception) -> None:
+		"""A message that cannot be used is logged with the reason and counted."""
+		metrics.REDIS_MESSAGES.labels(channel, getattr(exc, "result", "malformed")).inc()
+		logger.warning("skipped message on %r: %s: %.200r", channel, exc, raw)
 
 	def handle_entries(self, site: str, entries: list) -> None:
 		"""Deliver log entries in order; a malformed one is logged, counted and passed over."""
@@ -224,7 +226,7 @@ class Bridge:
 		while self._running:
 			message = pubsub.get_message(timeout=1.0)
 			if message is not None and message.get("type") == "message":
-				self.handle(log.text(message["channel"]), message["data"])
+				self.ingesters[reader[0]].receive(log.text(message["channel"]), message["data"])
 
 	def _read_log(self, client: Any, reader: tuple[str, str]) -> Any:
 		"""Find where each site's log stands (once), say so, then read until stopped."""
@@ -237,3 +239,13 @@ class Bridge:
 			streams = {log.log_key(site): self.positions[site] for site in self.sites}
 			for key, entries in client.xread(streams, count=log.BATCH, block=1000) or ():
 				self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)
+
+	def _keep_leases(self) -> None:
+		"""Renew or take the ingesters' leases, for as long as the bridge runs."""
+		while self._running:
+			for ingester in self.ingesters.values():
+				try:
+					ingester.check_lease()
+				except Exception as exc:  # Redis is down: the readers report the outage
+					logger.debug("lease check of %s failed: %s", ingester.lease_key, exc)
+			time.sleep(LEASE_CHECK_S)

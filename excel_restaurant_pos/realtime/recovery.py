@@ -102,13 +102,13 @@ class Recovery:
 	at once (used when a session's client comes back while its old socket still looks open).
 	"""
 
-	def __init__(self, config: Config, redis_client: Any, positions: dict[str, str], abort: Callable[[str, str], None]):
+	def __init__(self, config: Config, process: str, redis_client: Any, positions: dict[str, str], abort: Callable[[str, str], None]):
 		self.window = config.recovery_window
 		self.max_events = config.recovery_max_events
 		self.redis = redis_client
 		self.positions = positions
 		self.abort = abort
-		self.process = secrets.token_hex(4)
+		self.process = process
 		self.process_key = PROCESS_PREFIX + self.process
 		#: Socket id → session, for every recovering socket of this process.
 		self.live: dict[str, Session] = {}

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -84,8 +85,10 @@ class RealtimeServer:
 		self.clients: dict[str, events.Client] = {}
 		self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
 		self.redis = _redis_client(config.redis_queue)
-		self.bridge = Bridge(config, self.append, self.deliver)
-		self.recovery = Recovery(config, self.redis, self.bridge.positions, self.abort)
+		#: This process, among those that share the Redis.
+		self.process = secrets.token_hex(4)
+		self.bridge = Bridge(config, self.redis, self.process, self.deliver)
+		self.recovery = Recovery(config, self.process, self.redis, self.bridge.positions, self.abort)
 		self.sio.sessions = self.sio.manager.sessions = self.recovery.live
 		self.sio.manager.on_connected = self.on_connected
 		#: (site, scope) → the namespaces an event of that scope reaches.
@@ -434,7 +437,7 @@ def serve(config: Config) -> int:
 		keepalive=config.http_timeout,
 		log=logging.getLogger("excel_restaurant_pos.realtime.http"),
 	)
-	logger.info("%s; open-file limit %d", config.describe(), files)
+	logger.info("%s; open-file limit %d; process=%s", config.describe(), files, server.process)
 	while not server.stop_requested:
 		eventlet.sleep(0.2)
 	server.drain()

@@ -1,0 +1,181 @@
+"""Logging the pub/sub channels' messages exactly once, however many processes read them.
+
+Frappe publishes on a pub/sub channel, and every server process subscribed to it receives
+each message. Each must enter its site's log once, yet two identical messages are two
+events, so a message cannot be recognised by its content alone. One process at a time
+holds a lease (a Redis key that expires unless renewed) and logs what arrives; with every
+message it logs it records, in the same Lua call, a *mark*: a fingerprint of that message
+and the two before it on the same Redis connection. Redis hands every subscriber the same
+messages in the same order, so every process computes the same fingerprints.
+
+The other processes keep the last few seconds of messages. When the lease falls free (its
+holder stopped, or was killed and the lease expired), one of them takes it, finds the mark
+in what it kept and logs everything after it: nothing is lost and nothing is logged twice
+across a rolling restart or a crash. The Lua call also checks the lease, so a holder that
+lost it (a long pause) cannot log what its successor logs.
+
+Where the mark is not among the kept messages (the new holder subscribed after it), the
+messages received after the mark's time are logged. Where identical messages follow each
+other, the first match is taken: a takeover may then log one such repeat twice, never lose
+one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from excel_restaurant_pos.realtime import log
+from excel_restaurant_pos.realtime.config import APP_NAME
+from excel_restaurant_pos.realtime.log import Delivery
+
+LEASE_MS = 3000
+#: How often the holder renews its lease, and the others look whether it is free.
+LEASE_CHECK_S = 0.5
+#: Messages kept for a takeover: more than a lease's worth at any realistic rate.
+KEPT_SECONDS = 4 * LEASE_MS / 1000
+KEPT_MESSAGES = 100_000
+#: Marks (and the keys of a lease's holder) outlive any takeover by far.
+MARK_TTL_S = 3600
+logger = logging.getLogger(__name__)
+
+#: KEYS: lease, mark, log. ARGV: holder, mark, max events, fields... Logs the entry and
+#: moves the mark when the caller still holds the lease; returns whether it did.
+_LOG_ONCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('SET', KEYS[2], ARGV[2], 'EX', %d)
+return 1
+""" % MARK_TTL_S
+
+#: KEYS: lease. ARGV: holder, milliseconds. Renews the lease of its holder; 0 when it lost it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+#: KEYS: lease. ARGV: holder. Gives the lease up, if it is still the holder's.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Kept:
+	"""One message as received: its fingerprint (with the two before it), when, and what."""
+
+	__slots__ = ("fingerprint", "at", "channel", "raw")
+
+	def __init__(self, fingerprint: str, at: float, channel: str, raw: bytes | str):
+		self.fingerprint, self.at, self.channel, self.raw = fingerprint, at, channel, raw
+
+
+class Ingester:
+	"""The logging of one Redis's channels (see the module's docstring).
+
+	``parse(channel, raw)`` turns a message into a :class:`Delivery`, ``None`` (nothing to
+	log) or raises ``ValueError`` (logged and counted by ``on_bad``); ``redis`` is the log's
+	Redis, where the lease and the mark live too.
+	"""
+
+	def __init__(self, redis_client: Any, source_url: str, holder: str, max_events: int, parse: Callable[[str, Any], Delivery | None], on_bad: Callable[[str, Any, Exception], None]):
+		self.redis = redis_client
+		self.holder = holder
+		self.max_events = max_events
+		self.parse = parse
+		self.on_bad = on_bad
+		name = hashlib.sha1(source_url.encode()).hexdigest()[:12]
+		self.lease_key = f"{APP_NAME}:ingester:{name}"
+		self.mark_key = f"{APP_NAME}:ingested:{name}"
+		self.holding = False
+		self.kept: collections.deque[Kept] = collections.deque(maxlen=KEPT_MESSAGES)
+		self._recent = collections.deque(("", ""), maxlen=2)
+		self._log_once = redis_client.register_script(_LOG_ONCE)
+		self._renew = redis_client.register_script(_RENEW)
+		self._release = redis_client.register_script(_RELEASE)
+
+	def receive(self, channel: str, raw: bytes | str) -> None:
+		"""Keep a message; log it too while holding the lease."""
+		digest = hashlib.sha1(channel.encode() + b"\n" + (raw if isinstance(raw, bytes) else raw.encode())).hexdigest()
+		fingerprint = hashlib.sha1("".join((*self._recent, digest)).encode()).hexdigest()
+		self._recent.append(digest)
+		now = time.time()
+		item = Kept(fingerprint, now, channel, raw)
+		self.kept.append(item)
+		while self.kept and self.kept[0].at < now - KEPT_SECONDS:
+			self.kept.popleft()
+		if self.holding:
+			self._log(item)
+
+	def _log(self, item: Kept) -> None:
+		"""Log one message and move the mark past it. A message with nothing to log leaves
+		the mark where it is: a successor would pass over it again, at no cost."""
+		try:
+			delivery = self.parse(item.channel, item.raw)
+		except ValueError as exc:
+			self.on_bad(item.channel, item.raw, exc)
+			return
+		if delivery is None:
+			return
+		keys = [self.lease_key, self.mark_key, log.log_key(delivery.site)]
+		args = [self.holder, f"{item.fingerprint}|{item.at!r}", self.max_events, *(part for pair in delivery.fields().items() for part in pair)]
+		try:
+			logged = self._log_once(keys=keys, args=args)
+		except Exception as exc:
+			logger.error("could not log %r from %r, so it is lost: %s", delivery.event, item.channel, exc)
+			return
+		if not logged:
+			self.holding = False
+			logger.warning("lost the lease on logging %s; another process logs it now", self.lease_key)
+
+	def check_lease(self) -> None:
+		"""Renew the lease, or take it when it is free and catch up from the mark."""
+		if self.holding:
+			if not self._renew(keys=[self.lease_key], args=[self.holder, LEASE_MS]):
+				self.holding = False
+				logger.warning("lost the lease on logging %s; another process logs it now", self.lease_key)
+			return
+		if not self.redis.set(self.lease_key, self.holder, nx=True, px=LEASE_MS):
+			return
+		mark = self.redis.get(self.mark_key)
+		pending = self._after(mark.decode() if isinstance(mark, bytes) else mark)
+		logger.info("logging %s from here on (%d kept messages to catch up)", self.lease_key, len(pending))
+		index = 0
+		while index < len(pending):  # what arrives meanwhile is kept: take it too
+			self._log(pending[index])
+			index += 1
+			if index == len(pending):
+				pending += self._newer_than(pending[-1])
+		self.holding = True
+
+	def release(self) -> None:
+		"""Give the lease up (at shutdown), so another process takes over at once."""
+		if self.holding:
+			self.holding = False
+			try:
+				self._release(keys=[self.lease_key], args=[self.holder])
+			except Exception:  # the lease expires by itself
+				pass
+
+	def _after(self, mark: str | None) -> list[Kept]:
+		"""The kept messages the last holder had not logged."""
+		kept = list(self.kept)
+		if not mark:
+			return kept
+		fingerprint, _, at = mark.partition("|")
+		for index, item in enumerate(kept):
+			if item.fingerprint == fingerprint:
+				return kept[index + 1 :]
+		since = float(at or 0)
+		return [item for item in kept if item.at > since]
+
+	def _newer_than(self, last: Kept) -> list[Kept]:
+		kept = list(self.kept)
+		for index in range(len(kept) - 1, -1, -1):
+			if kept[index] is last:
+				return kept[index + 1 :]
+		return []

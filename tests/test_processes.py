@@ -1,0 +1,132 @@
+"""Several server processes on one Redis: every event reaches every subscribed client once,
+whichever process holds it and whichever process read it from Frappe's channel; the
+logging of Frappe's messages moves to another process when its holder dies; a client whose
+process dies recovers on another."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import redis
+from harness import TcpProxy, wait_for
+from test_connect import token
+from test_recovery import connect, wait_connects, wait_disconnects
+
+APP_NS = "/excel_restaurant_pos/default"
+FRAPPE_NS = "/default"
+LOG = "excel_restaurant_pos:log:default"
+
+
+def frappe_event(redis_url: str, event: str, message, room=None) -> None:
+	body = {"event": event, "message": message, "room": room, "namespace": "default"}
+	redis.Redis.from_url(redis_url).publish("events", json.dumps(body, indent=1, sort_keys=True))
+
+
+def numbers(js, client: str, event: str) -> list:
+	return [args[0]["n"] for args in js.received(client, event)]
+
+
+def test_every_client_gets_every_event_once_whichever_process_holds_it(realtime, js, publish, redis_url):
+	servers = [realtime(), realtime(), realtime()]
+	for index, server in enumerate(servers):
+		for namespace in (APP_NS, FRAPPE_NS):
+			name = f"p{index}{'app' if namespace == APP_NS else 'frappe'}"
+			assert js.connect(name, server.url + namespace, token=token())["type"] == "connect"
+			assert js.emit(name, "room:join", "kitchen")[0]["ok"]
+	clients = [item["id"] for item in js.events if item["type"] == "connect"]
+	raw = redis.Redis.from_url(redis_url)
+	wait_for(lambda: all(count == 3 for _, count in raw.pubsub_numsub("events", "excel_restaurant_pos_events")), 10, message="three subscribers")
+
+	for n in range(20):
+		publish.publish_to_room("kitchen", "helper", {"n": n})
+		frappe_event(redis_url, "frappe", {"n": n}, "kitchen")
+		frappe_event(redis_url, "frappe", {"n": n}, "kitchen")  # the same message twice: two events
+		raw.publish("excel_restaurant_pos_events", json.dumps({"namespace": APP_NS, "room": "kitchen", "event": "raw", "message": {"n": n}}))
+	publish.publish_event("fence", {}, site="default")
+	frappe_event(redis_url, "fence", {})
+	wait_for(lambda: all(len(js.received(c, "fence")) == (2 if c.endswith("app") else 1) for c in clients), 10, message="every fence")
+
+	for client in clients:
+		assert numbers(js, client, "frappe") == [n for n in range(20) for _ in (0, 1)], client
+		if client.endswith("app"):
+			assert numbers(js, client, "helper") == list(range(20)), client
+			assert numbers(js, client, "raw") == list(range(20)), client
+	assert raw.xlen(LOG) == 20 + 40 + 20 + 2  # each message logged once, by one process
+
+
+def test_order_updates_cross_processes_and_namespaces(realtime, js):
+	first, second = realtime(), realtime()
+	js.connect("waiter", first.url + APP_NS, token=token("waiter@example.com"))
+	js.connect("kitchen-app", second.url + APP_NS, token=token("cook@example.com"))
+	js.connect("kitchen-desk", second.url + FRAPPE_NS, token=token("cook@example.com"))
+	for client in ("waiter", "kitchen-app", "kitchen-desk"):
+		assert js.emit(client, "room:join", "kitchen")[0]["ok"]
+	assert js.emit("waiter", "order:update", {"room": "kitchen", "order_id": "ORD-1", "status": "ready"}) == [{"ok": True, "room": "kitchen"}]
+	for client in ("kitchen-app", "kitchen-desk"):
+		update = js.wait_event(client, "order:updated")[0]
+		assert (update["order_id"], update["status"], update["updated_by"]) == ("ORD-1", "ready", "waiter@example.com")
+	assert js.received("waiter", "order:updated") == []
+
+
+def test_when_the_process_logging_frappe_events_dies_another_takes_over(realtime, js, redis_url):
+	"""Frappe publishes 40 events a second; the process that logs them is killed mid-stream."""
+	first, second = realtime(), realtime()
+	raw = redis.Redis.from_url(redis_url)
+	wait_for(lambda: raw.get(next(iter(raw.keys("excel_restaurant_pos:ingester:*")), b"none")), 10, message="a lease holder")
+	holder_key = raw.keys("excel_restaurant_pos:ingester:*")[0]
+	for server in (first, second):
+		js.connect(f"c{server.port}", server.url + FRAPPE_NS, token=token())
+	total, stop = 200, threading.Event()
+
+	def frappe_publishes() -> None:
+		for n in range(total):
+			frappe_event(redis_url, "tick", {"n": n})
+			if stop.wait(0.025):
+				return
+
+	publisher = threading.Thread(target=frappe_publishes)
+	publisher.start()
+	try:
+		wait_for(lambda: len(js.received(f"c{second.port}", "tick")) >= 40, 20, message="events flowing")
+		holder = raw.get(holder_key).decode()
+		dead, survivor = (first, second) if _holds(first, holder) else (second, first)
+		assert _holds(dead, holder)
+		dead.signal(signal.SIGKILL)
+		dead.wait(10)
+		publisher.join(60)
+	finally:
+		stop.set()
+	frappe_event(redis_url, "fence", {})
+	js.wait_event(f"c{survivor.port}", "fence", timeout=20)
+	assert numbers(js, f"c{survivor.port}", "tick") == list(range(total))
+	assert raw.xlen(LOG) == total + 1
+	assert "from here on" in survivor.log()  # it took the lease over
+
+
+def _holds(server, holder: str) -> bool:
+	"""Whether ``server`` is the process named ``holder`` (its log says who logs)."""
+	return f"process={holder}" in server.log()
+
+
+def test_a_client_whose_process_dies_recovers_on_another(realtime, js, publish):
+	first, second = realtime(), realtime()
+	proxy = TcpProxy(first.port)
+	try:
+		connect(js, "kitchen", proxy.url + APP_NS)
+		assert js.emit("kitchen", "room:join", "kitchen")[0]["ok"]
+		publish.publish_to_room("kitchen", "order:new", {"n": 0})
+		js.wait_event("kitchen", "order:new")
+		proxy.refusing = True
+		first.signal(signal.SIGKILL)
+		first.wait(10)
+		wait_disconnects(js, "kitchen", 1)
+		publish.publish_to_room("kitchen", "order:new", {"n": 1})
+		proxy.target_port = second.port  # the load balancer sends it to the process left
+		proxy.refusing = False
+		assert wait_connects(js, "kitchen", 2)["recovered"] is True
+		js.wait_event("kitchen", "order:new", where=lambda args: args[0]["n"] == 1)
+		assert numbers(js, "kitchen", "order:new") == [0, 1]
+	finally:
+		proxy.close()
