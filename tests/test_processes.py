@@ -130,3 +130,27 @@ def test_a_client_whose_process_dies_recovers_on_another(realtime, js, publish):
 		assert numbers(js, "kitchen", "order:new") == [0, 1]
 	finally:
 		proxy.close()
+
+
+def test_a_client_back_on_another_process_while_its_old_socket_looks_open(realtime, js, publish, redis_url):
+	"""A long-polling client's old process cannot tell it left until the ping timeout; the
+	process it comes back to takes the session over, and the old one lets go at once."""
+	first, second = realtime(), realtime()
+	proxy = TcpProxy(first.port)
+	try:
+		reply = connect(js, "kitchen", proxy.url + APP_NS, transport="polling")
+		assert js.emit("kitchen", "room:join", "kitchen")[0]["ok"]
+		proxy.refusing = True
+		wait_for(lambda: proxy.kill() and False or len([i for i in js.events if i.get("id") == "kitchen" and i["type"] == "disconnect"]), 20, 0.2, "a killed poll")
+		assert first.health()[1]["clients"] == 1  # still looks connected there
+		publish.publish_to_room("kitchen", "order:new", {"n": 1})
+		proxy.target_port = second.port
+		proxy.refusing = False
+		assert wait_connects(js, "kitchen", 2)["recovered"] is True
+		wait_for(lambda: first.health()[1]["clients"] == 0, 10, message="the old process to let go")
+		publish.publish_to_room("kitchen", "order:new", {"n": 2})
+		js.wait_event("kitchen", "order:new", where=lambda args: args[0]["n"] == 2)
+		assert numbers(js, "kitchen", "order:new") == [1, 2]
+		assert not redis.Redis.from_url(redis_url).exists(f"excel_restaurant_pos:session:{reply['pid']}")
+	finally:
+		proxy.close()

@@ -38,6 +38,8 @@ from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.utils import APP_CHANNEL
 
 FRAPPE_CHANNEL = "events"
+#: Where the server processes sharing a Redis tell each other things (see ``on_control``).
+CONTROL_CHANNEL = "excel_restaurant_pos:control"
 #: The ``channel`` label of log entries in the messages metric.
 LOG_CHANNEL = "log"
 logger = logging.getLogger(__name__)
@@ -110,10 +112,12 @@ class Bridge:
 	def __init__(self, config: Config, redis_client: Any, holder: str, deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
 		self.parser = Parser(config.sites, config.default_site)
 		self.deliver = deliver
+		#: Called with each message on the control channel, decoded (a dict).
+		self.on_control: Callable[[dict], None] = lambda message: None
 		self.retry_max = retry_max
 		self.sites = config.sites
 		self.positions: dict[str, str] = {}
-		self.subscriptions: dict[str, tuple[str, ...]] = {config.redis_queue: (FRAPPE_CHANNEL, APP_CHANNEL)}
+		self.subscriptions: dict[str, tuple[str, ...]] = {config.redis_queue: (FRAPPE_CHANNEL, APP_CHANNEL, CONTROL_CHANNEL)}
 		for url in config.event_redis_urls[1:]:
 			self.subscriptions[url] = (FRAPPE_CHANNEL,)
 		#: (Redis URL, what is read there) → whether that reader is connected.
@@ -225,8 +229,13 @@ class Bridge:
 		yield
 		while self._running:
 			message = pubsub.get_message(timeout=1.0)
-			if message is not None and message.get("type") == "message":
-				self.ingesters[reader[0]].receive(log.text(message["channel"]), message["data"])
+			if message is None or message.get("type") != "message":
+				continue
+			channel = log.text(message["channel"])
+			if channel == CONTROL_CHANNEL:
+				self._control(message["data"])
+			else:
+				self.ingesters[reader[0]].receive(channel, message["data"])
 
 	def _read_log(self, client: Any, reader: tuple[str, str]) -> Any:
 		"""Find where each site's log stands (once), say so, then read until stopped."""
@@ -239,6 +248,13 @@ class Bridge:
 			streams = {log.log_key(site): self.positions[site] for site in self.sites}
 			for key, entries in client.xread(streams, count=log.BATCH, block=1000) or ():
 				self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)
+
+	def _control(self, raw: bytes | str) -> None:
+		try:
+			message = json.loads(raw)
+			self.on_control(message if isinstance(message, dict) else {})
+		except Exception:
+			logger.exception("control message %.200r failed", raw)
 
 	def _keep_leases(self) -> None:
 		"""Renew or take the ingesters' leases, for as long as the bridge runs."""

@@ -42,7 +42,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from excel_restaurant_pos.realtime import log, metrics, rooms
+from excel_restaurant_pos.realtime import log, metrics
+from excel_restaurant_pos.realtime.bridge import CONTROL_CHANNEL
 from excel_restaurant_pos.realtime.config import APP_NAME, Config
 from excel_restaurant_pos.realtime.log import Delivery
 
@@ -190,6 +191,17 @@ class Recovery:
 		metrics.RECOVERIES.labels("expired").inc()
 		return self._begin(sid, session)
 
+	def moved(self, message: dict) -> tuple[str, str] | None:
+		"""Another process took over one of this process's sessions (its client came back
+		there while its old socket here still looked open): forget it without storing it,
+		and return that socket's ``(sid, namespace)`` to close."""
+		sid = self._pids.get(message.get("moved")) if message.get("to") != self.process else None
+		session = self.live.get(sid) if sid is not None else None
+		if session is None or session.held is not None:
+			return None
+		self.drop(sid)
+		return sid, session.namespace
+
 	def rooms_changed(self, sid: str) -> None:
 		"""A live session's client joined or left a room: store it now."""
 		session = self.live.get(sid)
@@ -219,6 +231,8 @@ class Recovery:
 		if process_key is None:
 			taken = self.redis.delete(key)
 		else:
+			if process_key != self.process_key:  # its process may live on and hold the old socket
+				self.redis.publish(CONTROL_CHANNEL, json.dumps({"moved": pid, "to": self.process}))
 			stored.left_at = float(seen) if seen else time.time()
 			stored.position = json.loads(positions).get(stored.site) if positions else None
 			taken = self.redis.hdel(process_key, pid)

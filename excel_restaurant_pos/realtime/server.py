@@ -90,6 +90,7 @@ class RealtimeServer:
 		self.bridge = Bridge(config, self.redis, self.process, self.deliver)
 		self.recovery = Recovery(config, self.process, self.redis, self.bridge.positions, self.abort)
 		self.sio.sessions = self.sio.manager.sessions = self.recovery.live
+		self.bridge.on_control = self.on_control
 		self.sio.manager.on_connected = self.on_connected
 		#: (site, scope) → the namespaces an event of that scope reaches.
 		self.scopes = {
@@ -175,6 +176,12 @@ class RealtimeServer:
 			self.sio.leave_room(sid, room, namespace=namespace)
 			events.announce_viewers(client, *rooms.document_of(room))
 		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
+
+	def on_control(self, message: dict) -> None:
+		"""A message from another process on the same Redis."""
+		moved = self.recovery.moved(message)
+		if moved is not None:
+			self.abort(*moved)
 
 	def abort(self, sid: str, namespace: str) -> None:
 		"""Close a socket's transport now, running its disconnect (its client is back on
