@@ -154,3 +154,35 @@ def test_a_client_back_on_another_process_while_its_old_socket_looks_open(realti
 		assert not redis.Redis.from_url(redis_url).exists(f"excel_restaurant_pos:session:{reply['pid']}")
 	finally:
 		proxy.close()
+
+
+def test_the_per_user_limit_counts_every_process_and_forgets_a_killed_one(realtime, js):
+	first, second = realtime(connections_per_user=2), realtime(connections_per_user=2)
+	assert js.connect("a", first.url + APP_NS, token=token())["type"] == "connect"
+	assert js.connect("b", second.url + FRAPPE_NS, token=token())["type"] == "connect"
+	refused = js.connect("c", first.url + APP_NS, token=token())
+	assert (refused["type"], refused["message"]) == ("connect_error", "Too many connections for this user")
+	assert js.connect("other", first.url + APP_NS, token=token("cook@example.com"))["type"] == "connect"  # per user
+	js.disconnect("a")
+	wait_for(lambda: first.health()[1]["clients"] == 1, 10, message="a's connection given back")
+	assert js.connect("d", second.url + APP_NS, token=token())["type"] == "connect"
+
+	second.signal(signal.SIGKILL)  # holding b and d, and never saying goodbye
+	second.wait(10)
+	attempt = iter(range(1000))
+	wait_for(lambda: js.connect(f"e{next(attempt)}", first.url + APP_NS, token=token())["type"] == "connect", 40, 1, "the killed process's connections to stop counting")
+
+
+def test_doc_viewers_lists_the_viewers_on_every_process(realtime, frappe_standin, js):
+	frappe_standin.permissions = {("waiter@example.com", "POS Order", None), ("cook@example.com", "POS Order", None)}
+	sites = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local"}
+	first, second = (realtime(auth_mode="frappe", frappe_url=frappe_standin.url, env=sites) for _ in range(2))
+	js.connect("w", first.url + "/site1.local", token=token("waiter@example.com"))
+	js.connect("k", second.url + "/excel_restaurant_pos/site1.local", token=token("cook@example.com"))
+	assert js.emit("w", "doc_open", "POS Order", "ORD-1")[0]["ok"]
+	assert js.emit("k", "doc_open", "POS Order", "ORD-1")[0]["ok"]
+	both = {"doctype": "POS Order", "docname": "ORD-1", "users": ["waiter@example.com", "cook@example.com"]}
+	assert js.wait_event("w", "doc_viewers", where=lambda a: len(a[0]["users"]) == 2) == [both]
+	assert js.wait_event("k", "doc_viewers", where=lambda a: len(a[0]["users"]) == 2) == [both]
+	js.disconnect("k")
+	js.wait_event("w", "doc_viewers", where=lambda a: a[0]["users"] == ["waiter@example.com"])

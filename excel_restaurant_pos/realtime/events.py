@@ -128,6 +128,7 @@ class Client:
 		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
 		self.joined.add(room)
 		self.server.recovery.rooms_changed(self.sid)
+		self.viewing(room, True)
 		return None
 
 	def leave(self, room: Any) -> str | None:
@@ -138,10 +139,21 @@ class Client:
 		self.server.sio.leave_room(self.sid, room, namespace=self.namespace)
 		self.joined.discard(room)
 		self.server.recovery.rooms_changed(self.sid)
+		self.viewing(room, False)
 		return None
 
+	def viewing(self, room: str, is_open: bool) -> None:
+		"""Count this client in or out of a document's viewers, across processes."""
+		if room.startswith("open_doc:"):
+			presence = self.server.presence
+			self.server.shared("count a viewer", presence.opened if is_open else presence.closed, self.site, room, self.sid, self.user)
+
 	def viewers(self, room: str) -> list[str]:
-		"""The distinct users in a room of this site's namespaces, in the order they joined."""
+		"""The distinct users in a room of this site, on every process, in the order they
+		joined (on this process only while Redis cannot be reached)."""
+		shared = self.server.shared("list viewers", self.server.presence.viewers, self.site, room)
+		if shared is not None:
+			return shared
 		users: dict[str, None] = {}
 		for namespace in self.server.scopes[(self.site, "site")]:
 			for sid, _ in self.server.sio.manager.get_participants(namespace, room):

@@ -32,6 +32,7 @@ from typing import Any
 from excel_restaurant_pos.realtime import log
 from excel_restaurant_pos.realtime.config import APP_NAME
 from excel_restaurant_pos.realtime.log import Delivery
+from excel_restaurant_pos.realtime.utils import LOGGED
 
 LEASE_MS = 3000
 #: How often the holder renews its lease, and the others look whether it is free.
@@ -65,12 +66,17 @@ return 0
 """
 
 
+def _already_logged(raw: bytes | str) -> bool:
+	"""Whether a message is a publish helper's announcement (see ``utils.LOGGED``)."""
+	return raw.endswith(LOGGED.encode() if isinstance(raw, bytes) else LOGGED)
+
+
 class Kept:
 	"""One message as received: its fingerprint (with the two before it), when, and what."""
 
 	__slots__ = ("fingerprint", "at", "channel", "raw")
 
-	def __init__(self, fingerprint: str, at: float, channel: str, raw: bytes | str):
+	def __init__(self, fingerprint: str, at: float, channel: str, raw: bytes | str | None):
 		self.fingerprint, self.at, self.channel, self.raw = fingerprint, at, channel, raw
 
 
@@ -104,7 +110,8 @@ class Ingester:
 		fingerprint = hashlib.sha1("".join((*self._recent, digest)).encode()).hexdigest()
 		self._recent.append(digest)
 		now = time.time()
-		item = Kept(fingerprint, now, channel, raw)
+		# What the publish helpers announce is in the log already: keep its place, not its data.
+		item = Kept(fingerprint, now, channel, None if _already_logged(raw) else raw)
 		self.kept.append(item)
 		while self.kept and self.kept[0].at < now - KEPT_SECONDS:
 			self.kept.popleft()
@@ -114,6 +121,8 @@ class Ingester:
 	def _log(self, item: Kept) -> None:
 		"""Log one message and move the mark past it. A message with nothing to log leaves
 		the mark where it is: a successor would pass over it again, at no cost."""
+		if item.raw is None:
+			return
 		try:
 			delivery = self.parse(item.channel, item.raw)
 		except ValueError as exc:

@@ -29,8 +29,9 @@ KEY_PREFIX = "excel_restaurant_pos:log:"
 #: Where an entry goes: ``app`` reaches the site's app namespaces, ``site`` every namespace
 #: of the site (``/<site>`` too), as Frappe's events and client room events do.
 SCOPES = ("app", "site")
-#: Entries read per call, live and during a replay.
-BATCH = 500
+#: Entries read per call, live and during a replay: few enough that a burst of large
+#: events is not held in memory all at once.
+BATCH = 100
 _OFFSET = re.compile(r"^\d{1,20}-\d{1,20}$")
 logger = logging.getLogger(__name__)
 

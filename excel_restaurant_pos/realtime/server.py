@@ -23,6 +23,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import socketio
@@ -36,6 +37,7 @@ from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenti
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
 from excel_restaurant_pos.realtime.log import Delivery
 from excel_restaurant_pos.realtime.manager import IndexedManager
+from excel_restaurant_pos.realtime.presence import Presence
 from excel_restaurant_pos.realtime.recovery import Recovery
 
 logger = logging.getLogger("excel_restaurant_pos.realtime")
@@ -89,6 +91,9 @@ class RealtimeServer:
 		self.process = secrets.token_hex(4)
 		self.bridge = Bridge(config, self.redis, self.process, self.deliver)
 		self.recovery = Recovery(config, self.process, self.redis, self.bridge.positions, self.abort)
+		self.presence = Presence(self.redis, self.process)
+		#: Sockets whose connection is counted in Redis (see ``_take_connection``).
+		self.counted: set[str] = set()
 		self.sio.sessions = self.sio.manager.sessions = self.recovery.live
 		self.bridge.on_control = self.on_control
 		self.sio.manager.on_connected = self.on_connected
@@ -116,7 +121,7 @@ class RealtimeServer:
 				session = self.recovery.hold(sid, namespace, site)
 			identity = self.auth.identify(namespace, environ, auth)
 			key = (identity.site, identity.user)
-			if self.user_connections[key] >= self.config.connections_per_user:
+			if not self._take_connection(sid, key):
 				raise Refused(TOO_MANY_CONNECTIONS, "too_many_connections")
 		except Refused as exc:
 			self.recovery.drop(sid)
@@ -140,6 +145,9 @@ class RealtimeServer:
 			except Exception as exc:
 				logger.warning("replay unavailable site=%s user=%s (%s); starting a new session", identity.site, identity.user, exc)
 				session, restored = self.recovery.start_over(sid), False
+			for room in [room for room in client.joined if room.startswith("open_doc:")]:
+				client.viewing(room, True)
+				events.announce_viewers(client, *rooms.document_of(room))
 		if session is not None:
 			self.recovery.save(session)
 		metrics.CONNECTS.labels("ok").inc()
@@ -170,12 +178,35 @@ class RealtimeServer:
 		self.user_connections[key] -= 1
 		if self.user_connections[key] <= 0:
 			del self.user_connections[key]
+		if sid in self.counted:
+			self.counted.discard(sid)
+			self.shared("give back a connection", self.presence.give_back_connection, *key)
 		metrics.CONNECTIONS.labels(client.site).dec()
 		open_docs = [room for room in client.joined if room.startswith("open_doc:")]
 		for room in open_docs:
-			self.sio.leave_room(sid, room, namespace=namespace)
+			client.leave(room)
 			events.announce_viewers(client, *rooms.document_of(room))
 		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
+
+	def _take_connection(self, sid: str, key: tuple[str, str]) -> bool:
+		"""Whether the user may have one more connection, counted across every process on
+		the Redis (by this process alone while Redis cannot be reached)."""
+		try:
+			taken = self.presence.take_connection(*key, self.config.connections_per_user)
+		except Exception as exc:
+			logger.warning("connections of other processes unknown (%s); counting this one's", exc)
+			return self.user_connections[key] < self.config.connections_per_user
+		if taken:
+			self.counted.add(sid)
+		return taken
+
+	def shared(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+		"""A call on what the processes share; a Redis failure is logged, not raised."""
+		try:
+			return call(*args)
+		except Exception as exc:
+			logger.warning("could not %s across processes: %s", what, exc)
+			return None
 
 	def on_control(self, message: dict) -> None:
 		"""A message from another process on the same Redis."""
@@ -299,7 +330,7 @@ class RealtimeServer:
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
 			self.sio.sleep(SWEEP_INTERVAL)
-			for sweep in (self.sweep_expiry, self.sweep_slow_clients, self.recovery.snapshot):
+			for sweep in (self.sweep_expiry, self.sweep_slow_clients, self.recovery.snapshot, self.presence.keep_alive):
 				try:
 					sweep()
 				except Exception:
@@ -331,6 +362,7 @@ class RealtimeServer:
 
 	def start_background(self) -> None:
 		metrics.QUEUE_BYTES.set_function(self.queued_bytes)
+		self.presence.keep_alive()
 		self.bridge.start(self.sio.start_background_task)
 		self.sio.start_background_task(self._sweep_forever)
 
@@ -354,6 +386,7 @@ class RealtimeServer:
 		# ``close`` packet (and whatever was queued before it) has been handed to the client.
 		# Clients whose connection is already dead never take theirs, so stop waiting once
 		# half a second passes without any queue draining.
+		self.shared("say this process has stopped", self.presence.leave)
 		unsent, stalled_since = None, time.monotonic()
 		while time.monotonic() < deadline:
 			now_unsent = sum(1 for s in sockets if s.queue.qsize() > 1)

@@ -29,6 +29,8 @@ from excel_restaurant_pos.realtime import log, rooms
 from excel_restaurant_pos.realtime.config import APP_NAME
 
 APP_CHANNEL = "excel_restaurant_pos_events"
+#: How the helpers' announcements end: the event is in the log already (they put it last).
+LOGGED = ',"logged":true}'
 logger = logging.getLogger(__name__)
 
 
