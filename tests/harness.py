@@ -250,6 +250,58 @@ def _reset(connection: socket.socket) -> None:
 		pass
 
 
+class Nginx:
+	"""Debian's nginx on a loopback port, in front of the given server ports with the
+	README's own ``upstream`` and ``location`` block (only the ports changed)."""
+
+	def __init__(self, folder: Path, upstream_ports: list[int]):
+		self.folder = Path(folder)
+		self.port = free_port()
+		self.upstream_ports = upstream_ports
+		self.process: subprocess.Popen | None = None
+
+	@property
+	def url(self) -> str:
+		return f"http://127.0.0.1:{self.port}"
+
+	def readme_block(self) -> str:
+		"""The README's nginx block that has the ``upstream``, with this test's ports."""
+		text = (REPO / "README.md").read_text()
+		block = next(part.split("```", 1)[0] for part in text.split("```nginx\n")[1:] if "upstream " in part.split("```", 1)[0])
+		lines = [line for line in block.splitlines() if not line.strip().startswith("server 127.0.0.1:")]
+		at = next(index for index, line in enumerate(lines) if line.strip() == "ip_hash;") + 1
+		lines[at:at] = [f"\tserver 127.0.0.1:{port};" for port in self.upstream_ports]
+		return "\n".join(lines).replace("# … the site's own server block …", f"listen 127.0.0.1:{self.port};")
+
+	def start(self) -> None:
+		self.folder.mkdir(parents=True, exist_ok=True)
+		folder = self.folder
+		(folder / "nginx.conf").write_text(
+			f"user root;\nworker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+			"events { worker_connections 4096; }\n"
+			f"http {{\naccess_log off;\nclient_body_temp_path {folder}/body;\nproxy_temp_path {folder}/proxy;\n"
+			f"fastcgi_temp_path {folder}/fastcgi;\nuwsgi_temp_path {folder}/uwsgi;\nscgi_temp_path {folder}/scgi;\n"
+			f"{self.readme_block()}\n}}\n"
+		)
+		binary = shutil.which("nginx") or "/usr/sbin/nginx"
+		self.process = subprocess.Popen([binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+		wait_for(self._answers, 10, message=f"nginx on port {self.port}")
+
+	def _answers(self) -> bool:
+		if self.process is not None and self.process.poll() is not None:
+			raise AssertionError(f"nginx exited: {self.process.stderr.read().decode(errors='replace')}")
+		try:
+			with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+				return True
+		except OSError:
+			return False
+
+	def stop(self) -> None:
+		if self.process and self.process.poll() is None:
+			self.process.terminate()
+			self.process.wait(10)
+
+
 class FrappeStandIn:
 	"""A small HTTP server speaking the part of Frappe's API the realtime server uses.
 

@@ -10,9 +10,9 @@ import signal
 import threading
 
 import redis
-from harness import TcpProxy, wait_for
+from harness import Nginx, TcpProxy, free_port, wait_for
 from test_connect import token
-from test_recovery import connect, wait_connects, wait_disconnects
+from test_recovery import RECONNECT, connect, wait_connects, wait_disconnects
 
 APP_NS = "/excel_restaurant_pos/default"
 FRAPPE_NS = "/default"
@@ -186,3 +186,52 @@ def test_doc_viewers_lists_the_viewers_on_every_process(realtime, frappe_standin
 	assert js.wait_event("k", "doc_viewers", where=lambda a: len(a[0]["users"]) == 2) == [both]
 	js.disconnect("k")
 	js.wait_event("w", "doc_viewers", where=lambda a: a[0]["users"] == ["waiter@example.com"])
+
+
+def test_a_rolling_restart_behind_nginx_loses_nothing(tmp_path, realtime, js, publish):
+	"""Two processes behind Debian's nginx with the README's block; 200 recovering clients,
+	a quarter on long-polling; 50 events a second; each process restarted in turn."""
+	ports = [free_port(), free_port()]
+	servers = [realtime(port=port) for port in ports]
+	nginx = Nginx(tmp_path / "nginx", ports)
+	nginx.start()
+	try:
+		clients = [f"c{i}" for i in range(200)]
+		for i, client in enumerate(clients):
+			opts = {"transports": ["polling" if i % 4 == 0 else "websocket"], "path": "/pos-socket.io/", "auth": {"token": token(f"u{i}@example.com"), "recover": True}, "forceNew": True, **RECONNECT}
+			js.send(cmd="connect", id=client, url=nginx.url + APP_NS, opts=opts)
+		for client in clients:
+			js.wait(lambda item, c=client: item.get("id") == c and item["type"] == "connect", 60, f"{client} to connect")
+			js.send(cmd="emit", id=client, event="room:join", args=["stream"], ack=False)
+		wait_for(lambda: sum(server.health()[1]["clients"] for server in servers) == 200, 30, message="200 clients")
+		wait_for(lambda: all(len(js.received(c, "room:joined")) for c in clients), 30, message="every client in the room")
+
+		stop, sent = threading.Event(), []
+
+		def publish_steadily() -> None:
+			while not stop.wait(0.02):
+				publish.publish_to_room("stream", "seq", {"n": len(sent)})
+				sent.append(len(sent))
+
+		publisher = threading.Thread(target=publish_steadily)
+		publisher.start()
+		try:
+			for index, port in enumerate(ports):
+				wait_for(lambda: len(sent) >= 50 * (index + 1) + 100 * index, 30, message="events flowing")
+				servers[index].signal(signal.SIGTERM)
+				assert servers[index].wait(15) == 0
+				servers[index] = realtime(port=port)
+				wait_for(lambda: sum(server.health()[1]["clients"] for server in servers) == 200, 60, message="every client back")
+			wait_for(lambda: len(sent) >= 400, 30, message="events after the restarts")
+		finally:
+			stop.set()
+			publisher.join(10)
+		publish.publish_to_room("stream", "end", {})
+		for client in clients:
+			js.wait_event(client, "end", timeout=60)
+		for client in clients:
+			assert numbers(js, client, "seq") == sent, client
+		reconnects = [item for item in js.events if item["type"] == "connect" and not item.get("recovered")]
+		assert len(reconnects) == 200, "every reconnect recovered its session"
+	finally:
+		nginx.stop()

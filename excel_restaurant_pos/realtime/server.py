@@ -42,6 +42,8 @@ from excel_restaurant_pos.realtime.recovery import Recovery
 
 logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
+#: Connections of the process's command client to Redis (the readers have their own).
+REDIS_CONNECTIONS = 32
 
 
 class SocketServer(socketio.Server):
@@ -401,9 +403,13 @@ class RealtimeServer:
 
 
 def _redis_client(url: str) -> Any:
+	"""The process's client for Redis commands. Its pool is bounded and blocking: a storm of
+	connects waits a moment for a connection rather than opening hundreds (or failing, as
+	redis-py's default pool does past 100)."""
 	import redis
 
-	return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+	pool = redis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=5, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+	return redis.Redis(connection_pool=pool)
 
 
 def _respond(start_response: Any, code: int, body: bytes, content_type: str) -> list[bytes]:
