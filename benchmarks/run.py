@@ -86,6 +86,7 @@ class Scenario:
 	concurrency: int = 0  # connects in flight per loadgen worker; 0 = all at once
 	settle_s: float = 0.0  # wait before reading RSS after the connect phase
 	recover: bool = False  # every client asks for connection state recovery
+	processes: int = 1  # product server processes on one Redis, the clients dealt out among them
 
 	@property
 	def namespace(self) -> str:
@@ -118,14 +119,16 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
 		"S4r": Scenario("S4r", "S4 with every client recovering", n(500), 10, int(50 * (2 if quick else 10)), 50.0, recover=True),
 		"S5": Scenario("S5", "paced room events, long-polling", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling"),
 		"S6": Scenario("S6", "idle websocket clients", n(10000), 100, concurrency=500, settle_s=3.0),
-		"S7": Scenario("S7", "multi-process server", 0),
+		"S7": Scenario("S7", "room events at 1,000/s to rooms of 100, one product process", n(1000), 10, n(6000), 1000.0),
+		"S7x2": Scenario("S7x2", "S7 with two product processes on one Redis", n(1000), 10, n(6000), 1000.0, processes=2),
 	}
 
 
-ORDER_OF_SCENARIOS = ("S1", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S6", "S7")
+ORDER_OF_SCENARIOS = ("S1", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S6", "S7", "S7x2")
+#: Scenarios of the product alone: the reference has no multi-process mode to compare.
+PRODUCT_ONLY = {"S7", "S7x2"}
 #: Product-only comparisons printed under the table: (base, variant, what the variant turns on).
-VARIANTS = (("S1", "S1z", "permessage-deflate"), ("S1", "S1r", "recovery"), ("S4", "S4r", "recovery"))
-SKIPPED = {"S7": "skipped: the product has no multi-process mode yet (one process serves all clients)."}
+VARIANTS = (("S1", "S1z", "permessage-deflate"), ("S1", "S1r", "recovery"), ("S4", "S4r", "recovery"), ("S7", "S7x2", "a second process"))
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -229,10 +232,10 @@ def _raise_nofile() -> None:
 class LoadGen:
 	"""The Node load generator: JSON lines out, JSON commands in."""
 
-	def __init__(self, scenario: Scenario, server_url: str, tokens: list[str], log: Path):
+	def __init__(self, scenario: Scenario, server_urls: list[str], tokens: list[str], log: Path):
 		workers = max(1, -(-scenario.clients // 5000))
 		self.command = [
-			"node", str(LOADGEN), "--url", server_url + scenario.namespace, "--tokens", "-", "--transport", scenario.transport,
+			"node", str(LOADGEN), "--url", ",".join(url + scenario.namespace for url in server_urls), "--tokens", "-", "--transport", scenario.transport,
 			"--rooms", str(scenario.rooms), "--event", EVENT, "--workers", str(workers), "--concurrency", str(scenario.concurrency),
 			"--connect-timeout", "60", "--max-seconds", "600",
 		]
@@ -351,6 +354,11 @@ def tokens_for(count: int) -> list[str]:
 	return [make_token(f"bench-{i}@example.com", SECRET, ttl=3 * 3600, user_type="System User") for i in range(count)]
 
 
+def total(read: Any, pids: list[int]) -> Any:
+	"""A /proc figure summed over the server's processes."""
+	return sum(read(pid) for pid in pids)
+
+
 def log_problems(text: str) -> list[str]:
 	keys = ("ERROR", "Traceback", "CRITICAL", "WARNING", "Error", "error")
 	lines = [line for line in text.splitlines() if any(key in line for key in keys)]
@@ -361,7 +369,7 @@ def run_case(kind: str, scenario: Scenario, tokens: list[str], work: Path) -> di
 	result: dict[str, Any] = {"server": kind, "scenario": scenario.name}
 	redis_server = RedisServer(work / "redis")
 	standin = None
-	server = None
+	servers: list[ServerProcess] = []
 	loadgen = None
 	try:
 		redis_server.start()
@@ -372,18 +380,20 @@ def run_case(kind: str, scenario: Scenario, tokens: list[str], work: Path) -> di
 				standin.users[f"bench-{i}@example.com"] = {"enabled": 1, "user_type": "System User"}
 			standin.start()
 			frappe_url = standin.url
-		server = ServerProcess(kind, scenario, redis_server.url, frappe_url, work)
-		server.start()
+		for _ in range(scenario.processes if kind == "product" else 1):
+			servers.append(ServerProcess(kind, scenario, redis_server.url, frappe_url, work))
+			servers[-1].start()
 		time.sleep(0.5)
-		rss0, cpu0 = proc_rss_kb(server.pid), proc_cpu_s(server.pid)
+		pids = [server.pid for server in servers]
+		rss0, cpu0 = total(proc_rss_kb, pids), total(proc_cpu_s, pids)
 		result["rss_idle_kb"] = rss0
 
-		loadgen = LoadGen(scenario, server.url, tokens, work / f"{scenario.name}-{kind}-loadgen.log")
+		loadgen = LoadGen(scenario, [server.url for server in servers], tokens, work / f"{scenario.name}-{kind}-loadgen.log")
 		connected = loadgen.expect("connected", 240)
-		cpu1 = proc_cpu_s(server.pid)
+		cpu1 = total(proc_cpu_s, pids)
 		if scenario.settle_s:
 			time.sleep(scenario.settle_s)
-		rss1 = proc_rss_kb(server.pid)
+		rss1 = total(proc_rss_kb, pids)
 		result["connect"] = connected
 		result["connect_cpu_s"] = cpu1 - cpu0
 		result["cpu_ms_per_connect"] = 1000 * (cpu1 - cpu0) / connected["connected"] if connected["connected"] else None
@@ -395,28 +405,29 @@ def run_case(kind: str, scenario: Scenario, tokens: list[str], work: Path) -> di
 		if scenario.events:
 			loadgen.send(cmd="arm")
 			loadgen.expect("armed", 30)
-			cpu2 = proc_cpu_s(server.pid)
+			cpu2 = total(proc_cpu_s, pids)
 			start_ms, rate, receivers = publish(scenario, redis_server.url)
 			result["publish_rate"] = rate
 			result["redis_receivers"] = receivers
 			timeout = 60 + scenario.events / max(scenario.rate, 1)
 			loadgen.send(cmd="collect", expected=scenario.expected, publish_start_ms=start_ms, timeout_s=timeout, idle_s=5)
 			deliveries = loadgen.expect("deliveries", timeout + 30)
-			cpu3 = proc_cpu_s(server.pid)
+			cpu3 = total(proc_cpu_s, pids)
 			result["deliveries"] = deliveries
 			result["delivery_cpu_s"] = cpu3 - cpu2
 			result["cpu_us_per_delivery"] = 1e6 * (cpu3 - cpu2) / deliveries["received"] if deliveries["received"] else None
-			result["rss_after_deliveries_kb"] = proc_rss_kb(server.pid)
+			result["rss_after_deliveries_kb"] = total(proc_rss_kb, pids)
 	except Exception as exc:  # one failed case must not lose the others
 		result["error"] = f"{type(exc).__name__}: {exc}"
 	finally:
 		if loadgen:
 			loadgen.stop()
-		if server:
+		if servers:
 			stopping = time.monotonic()
-			result["exit_code"] = server.stop()
+			codes = [server.stop() for server in servers]
+			result["exit_code"] = next((code for code in codes if code), codes[0])
 			result["stop_s"] = time.monotonic() - stopping
-			result["log_problems"] = log_problems(server.log())
+			result["log_problems"] = [line for server in servers for line in log_problems(server.log())][:20]
 		if standin:
 			standin.stop()
 		redis_server.stop()
@@ -453,6 +464,8 @@ SHOWN = {
 	"S4r": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S5": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S6": {"connected", "failed connects", "connects/s", "RSS KiB/connection", "server CPU ms/connect"},
+	"S7": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
+	"S7x2": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
 }
 
 
@@ -475,9 +488,6 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 	rows = ["| scenario | metric | product | reference | ratio (product/reference) |" + (" python-socketio baseline |" if baseline else ""),
 		"|---|---|---:|---:|---:|" + ("---:|" if baseline else "")]
 	for name in ORDER_OF_SCENARIOS:
-		if name in SKIPPED and name in results:
-			rows.append(f"| {name} | — | {SKIPPED[name]} | | |")
-			continue
 		if name not in results:
 			continue
 		for label, path, fmt in METRICS:
@@ -546,12 +556,9 @@ def main(argv: list[str] | None = None) -> int:
 	started = time.time()
 	for run in range(repeat):
 		for name in [n for n in ORDER_OF_SCENARIOS if n in wanted]:
-			if name in SKIPPED:
-				results.setdefault(name, {})
-				continue
 			scenario = catalogue[name]
 			tokens = token_cache.setdefault(scenario.clients, tokens_for(scenario.clients))
-			for kind in servers:
+			for kind in [kind for kind in servers if kind == "product" or name not in PRODUCT_ONLY]:
 				print(f"[{time.time() - started:6.0f} s] run {run + 1}/{repeat} {name} ({scenario.title}) {kind} ...", file=sys.stderr, flush=True)
 				case = run_case(kind, scenario, tokens, work)
 				case["run"] = run + 1
@@ -568,7 +575,6 @@ def main(argv: list[str] | None = None) -> int:
 		"repeat": repeat,
 		"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()},
 		"scenarios": {name: dataclasses.asdict(catalogue[name]) | {"expected_deliveries": catalogue[name].expected} for name in wanted},
-		"skipped": {name: note for name, note in SKIPPED.items() if name in wanted},
 		"results": results,
 		"logs": str(work.relative_to(REPO)),
 	}

@@ -121,7 +121,9 @@ function runWorker(opts) {
 	function connectOne(index, token, room) {
 		return new Promise((resolve) => {
 			const started = nowMs();
-			const socket = io(opts.url, socketOptions(token));
+			// Several servers (--url a,b): the clients are dealt out among them in turn.
+			const urls = opts.url.split(",");
+			const socket = io(urls[index % urls.length], socketOptions(token));
 			sockets.push(socket);
 			let done = false;
 			const finish = (result) => {
