@@ -284,12 +284,13 @@ class Nginx:
 			f"{self.readme_block()}\n}}\n"
 		)
 		binary = shutil.which("nginx") or "/usr/sbin/nginx"
-		self.process = subprocess.Popen([binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+		with open(folder / "stderr.log", "ab") as stderr:
+			self.process = subprocess.Popen([binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
 		wait_for(self._answers, 10, message=f"nginx on port {self.port}")
 
 	def _answers(self) -> bool:
 		if self.process is not None and self.process.poll() is not None:
-			raise AssertionError(f"nginx exited: {self.process.stderr.read().decode(errors='replace')}")
+			raise AssertionError(f"nginx exited: {(self.folder / 'stderr.log').read_text(errors='replace')}")
 		try:
 			with socket.create_connection(("127.0.0.1", self.port), timeout=1):
 				return True
@@ -440,7 +441,8 @@ class JSClients:
 		self.events: list[dict[str, Any]] = []
 		self._seq = 0
 		self._lock = threading.Condition()
-		threading.Thread(target=self._read, daemon=True).start()
+		self._reader = threading.Thread(target=self._read, daemon=True)
+		self._reader.start()
 
 	def _read(self) -> None:
 		assert self.process.stdout is not None
@@ -533,3 +535,9 @@ class JSClients:
 			except (OSError, subprocess.TimeoutExpired, ValueError):
 				self.process.kill()
 				self.process.wait(5)
+		self._reader.join(5)  # it stops at the end of the output; then its pipe can close
+		for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+			try:
+				pipe.close()
+			except OSError:
+				pass

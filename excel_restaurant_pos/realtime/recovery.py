@@ -48,10 +48,49 @@ from excel_restaurant_pos.realtime.config import APP_NAME, Config
 from excel_restaurant_pos.realtime.log import Delivery
 
 SESSION_PREFIX = f"{APP_NAME}:session:"
+#: ``<prefix><pid>`` → the process whose hash holds that live session (it moves on recovery).
+HOLDER_PREFIX = f"{APP_NAME}:holder:"
+#: How long a holder record may outlive a process killed without a word.
+HOLDER_TTL_S = 86400
 PROCESS_PREFIX = f"{APP_NAME}:process:"
 #: Socket ids a session remembers: room events a client sent are never replayed to it.
 KEPT_SIDS = 8
 logger = logging.getLogger(__name__)
+
+#: KEYS: the session's key, its holder key, this process's hash. ARGV: pid, user, site,
+#: namespace, this process, the process hash prefix, this hash's ttl, the control channel.
+#: Takes a session for this process in one step, wherever it is: stored after its client
+#: left, or live in a process's hash (that process is told, and lets its socket go). A
+#: session of another user, site or namespace stays where it is. Returns ``{"taken", record,
+#: "live" or "stored", seen, positions}`` (the last two for a live session, when its process
+#: wrote them) or ``{reason}``.
+_TAKE = """
+local raw = redis.call('GET', KEYS[1])
+local from, seen, positions = nil, '', ''
+if not raw then
+	local holder = redis.call('GET', KEYS[2]) or string.match(ARGV[1], '^([^.]*)[.]')
+	if not holder then return {'unknown_pid'} end
+	from = ARGV[6] .. holder
+	raw = redis.call('HGET', from, ARGV[1])
+	if not raw then return {'unknown_pid'} end
+	seen = redis.call('HGET', from, '@seen') or ''
+	positions = redis.call('HGET', from, '@positions') or ''
+end
+local session = cjson.decode(raw)
+if session.user ~= ARGV[2] or session.site ~= ARGV[3] or session.namespace ~= ARGV[4] then
+	return {'user_mismatch'}
+end
+if from then
+	redis.call('HDEL', from, ARGV[1])
+	if from ~= KEYS[3] then redis.call('PUBLISH', ARGV[8], cjson.encode({moved = ARGV[1], to = ARGV[5]})) end
+else
+	redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[3], ARGV[1], raw)
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('SET', KEYS[2], ARGV[5], 'EX', %d)
+return {'taken', raw, from and 'live' or 'stored', seen, positions}
+""" % HOLDER_TTL_S
 
 
 @dataclasses.dataclass
@@ -116,6 +155,7 @@ class Recovery:
 		self._pids: dict[str, str] = {}
 		self._written: dict[str, str | None] = {}
 		self._snapshot_failing = False
+		self._take = redis_client.register_script(_TAKE)
 
 	def wants(self, auth: Any, site: str) -> bool:
 		"""Whether a handshake asks for recovery and it can be given (the log was reached)."""
@@ -158,6 +198,8 @@ class Recovery:
 		if stored is None:
 			metrics.RECOVERIES.labels(result).inc()
 			logger.info("recovery refused (%s) site=%s user=%s", result, session.site, user)
+			if result == "expired":
+				self._discard(pid)
 			return self._begin(sid, session), False
 		stored.held, stored.reported = session.held, log.later(offset, stored.reported)
 		stored.replay_from = stored.replayed_to = start
@@ -175,6 +217,16 @@ class Recovery:
 		if stored.last_sent is None or log.offset_key(stored.last_sent) <= log.offset_key(start):
 			start = log.later(start, stored.position)
 		return start
+
+	def _discard(self, pid: str) -> None:
+		"""Forget a session taken for this process that cannot be recovered after all."""
+		try:
+			pipe = self.redis.pipeline(transaction=False)
+			pipe.hdel(self.process_key, pid)
+			pipe.delete(HOLDER_PREFIX + pid)
+			pipe.execute()
+		except Exception:  # its record expires with this process's hash
+			pass
 
 	def _begin(self, sid: str, session: Session) -> Session:
 		session.sids = [sid]
@@ -197,9 +249,9 @@ class Recovery:
 		and return that socket's ``(sid, namespace)`` to close."""
 		sid = self._pids.get(message.get("moved")) if message.get("to") != self.process else None
 		session = self.live.get(sid) if sid is not None else None
-		if session is None or session.held is not None:
+		if session is None:
 			return None
-		self.drop(sid)
+		self.drop(sid)  # a restore under way here is abandoned too: the other process has it
 		return sid, session.namespace
 
 	def rooms_changed(self, sid: str) -> None:
@@ -217,27 +269,17 @@ class Recovery:
 			if old is None or (old.user, old.site, old.namespace) != (user, session.site, session.namespace):
 				return "user_mismatch", None
 			self.abort(old_sid, old.namespace)  # runs its disconnect, which stores the session
-		key = SESSION_PREFIX + pid
-		raw = self.redis.get(key)
-		process_key = None
-		if raw is None:  # a session of a process that stopped without saying goodbye?
-			process_key = PROCESS_PREFIX + pid.partition(".")[0]
-			raw, seen, positions = self.redis.hmget(process_key, [pid, "@seen", "@positions"])
-			if raw is None:
-				return "unknown_pid", None
+		taken = self._take(
+			keys=[SESSION_PREFIX + pid, HOLDER_PREFIX + pid, self.process_key],
+			args=[pid, user, session.site, session.namespace, self.process, PROCESS_PREFIX, self._ttl(), CONTROL_CHANNEL],
+		)
+		if taken[0] != b"taken" and taken[0] != "taken":
+			return log.text(taken[0]), None
+		raw, where, seen, positions = (log.text(value) for value in taken[1:])
 		stored = Session.from_json(raw)
-		if (stored.user, stored.site, stored.namespace) != (user, session.site, session.namespace):
-			return "user_mismatch", None
-		if process_key is None:
-			taken = self.redis.delete(key)
-		else:
-			if process_key != self.process_key:  # its process may live on and hold the old socket
-				self.redis.publish(CONTROL_CHANNEL, json.dumps({"moved": pid, "to": self.process}))
+		if where == "live":  # its process stopped without a word, or never noticed it left
 			stored.left_at = float(seen) if seen else time.time()
 			stored.position = json.loads(positions).get(stored.site) if positions else None
-			taken = self.redis.hdel(process_key, pid)
-		if not taken:
-			return "unknown_pid", None  # another connect took it first
 		if stored.left_at is None or time.time() - stored.left_at > self.window:
 			return "expired", None
 		return "recovered", stored
@@ -273,11 +315,15 @@ class Recovery:
 	# -- state in Redis -------------------------------------------------------------------
 
 	def save(self, session: Session) -> None:
-		"""Write a live session's record now (at connect and when its rooms change)."""
+		"""Write a live session's record now (at connect and when its rooms change), unless
+		another process has taken it meanwhile."""
+		if session.sids[-1:] and self.live.get(session.sids[-1]) is not session:
+			return
 		try:
 			pipe = self.redis.pipeline(transaction=True)
 			pipe.hset(self.process_key, session.pid, session.to_json())
 			pipe.expire(self.process_key, self._ttl())
+			pipe.set(HOLDER_PREFIX + session.pid, self.process, ex=HOLDER_TTL_S)
 			pipe.execute()
 			self._written[session.pid] = session.last_sent
 		except Exception as exc:
@@ -301,6 +347,7 @@ class Recovery:
 			pipe = self.redis.pipeline(transaction=True)
 			pipe.set(SESSION_PREFIX + session.pid, session.to_json(), ex=self._ttl())
 			pipe.hdel(self.process_key, session.pid)
+			pipe.delete(HOLDER_PREFIX + session.pid)
 			pipe.execute()
 		except Exception as exc:
 			logger.warning("could not keep session of site=%s user=%s for recovery: %s", session.site, session.user, exc)

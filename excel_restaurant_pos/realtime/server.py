@@ -43,7 +43,7 @@ from excel_restaurant_pos.realtime.recovery import Recovery
 logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
 #: Connections of the process's command client to Redis (the readers have their own).
-REDIS_CONNECTIONS = 32
+REDIS_CONNECTIONS = 128
 
 
 class SocketServer(socketio.Server):
@@ -408,7 +408,7 @@ def _redis_client(url: str) -> Any:
 	redis-py's default pool does past 100)."""
 	import redis
 
-	pool = redis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=5, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+	pool = redis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=20, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
 	return redis.Redis(connection_pool=pool)
 
 
