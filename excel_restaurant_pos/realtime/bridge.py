@@ -40,6 +40,8 @@ from excel_restaurant_pos.realtime.utils import APP_CHANNEL
 FRAPPE_CHANNEL = "events"
 #: Where the server processes sharing a Redis tell each other things (see ``on_control``).
 CONTROL_CHANNEL = "excel_restaurant_pos:control"
+#: Seconds after an outage's end during which a reader's failure counts as the same outage.
+OUTAGE_QUIET_S = 5.0
 #: The ``channel`` label of log entries in the messages metric.
 LOG_CHANNEL = "log"
 logger = logging.getLogger(__name__)
@@ -125,7 +127,9 @@ class Bridge:
 		self._up[(config.redis_queue, "log")] = False
 		self.ingesters = {url: Ingester(redis_client, url, holder, config.recovery_max_events, self.parse, self.skip) for url in self.subscriptions}
 		self._connections: dict[tuple[str, str], Any] = {}
-		self._outages: set[str] = set()
+		#: Redis URL → whether its current outage was announced (see ``_keep_reading``).
+		self._outages: dict[str, bool] = {}
+		self._back_at: dict[str, float] = {}
 		self._running = False
 
 	@property
@@ -205,8 +209,13 @@ class Bridge:
 				if not self._running:
 					return
 				if url not in self._outages:
-					logger.error("redis %s unavailable (%s); retrying with backoff", url, exc)
-					self._outages.add(url)
+					# Readers notice an outage at different moments (one may still be blocked
+					# on a read when another is back): a failure just after the end of one is
+					# the same outage, not a new one to announce.
+					announce = time.monotonic() - self._back_at.get(url, -OUTAGE_QUIET_S) >= OUTAGE_QUIET_S
+					self._outages[url] = announce
+					if announce:
+						logger.error("redis %s unavailable (%s); retrying with backoff", url, exc)
 				time.sleep(delay)
 				delay = min(delay * 2, self.retry_max)
 
@@ -214,9 +223,10 @@ class Bridge:
 		self._up[reader] = True
 		url = reader[0]
 		if url in self._outages and all(up for (other, _), up in self._up.items() if other == url):
-			self._outages.discard(url)
-			metrics.REDIS_RECONNECTS.inc()
-			logger.warning("redis %s is back", url)
+			if self._outages.pop(url):
+				self._back_at[url] = time.monotonic()
+				metrics.REDIS_RECONNECTS.inc()
+				logger.warning("redis %s is back", url)
 
 	def _read_channels(self, client: Any, reader: tuple[str, str]) -> Any:
 		"""Subscribe once the log reader knows where the logs stand (what is logged from
