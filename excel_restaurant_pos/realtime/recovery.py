@@ -174,8 +174,8 @@ class Recovery:
 	def drop(self, sid: str) -> None:
 		"""Forget a socket whose connect was refused or whose client left before it ended."""
 		session = self.live.pop(sid, None)
-		if session is not None:
-			self._pids.pop(session.pid, None)
+		if session is not None and self._pids.get(session.pid) == sid:
+			del self._pids[session.pid]
 
 	def restore(self, sid: str, user: str, auth: dict) -> tuple[Session, bool]:
 		"""Turn the held session of ``sid`` into the one its ``pid`` names, when it may be;
@@ -330,18 +330,22 @@ class Recovery:
 			logger.warning("could not store session of site=%s user=%s: %s", session.site, session.user, exc)
 
 	def close(self, sid: str) -> None:
-		"""The socket is gone: keep its session for ``recovery_window`` seconds."""
-		session = self.live.pop(sid, None)
+		"""The socket is gone: keep its session for ``recovery_window`` seconds.
+
+		Its Engine.IO socket still takes packets until this returns, and storing the session
+		waits on Redis: events delivered meanwhile are held back (and dropped with the
+		socket), as they lie past the position stored and will be replayed."""
+		session = self.live.get(sid)
 		if session is None:
 			return
-		self._pids.pop(session.pid, None)
-		self._written.pop(session.pid, None)
 		if session.held is not None:
 			if session.replay_from is None:
+				self.drop(sid)
 				return  # a new session whose client never heard of it
 			session.position = session.replay_from  # a restore that did not finish: as it was
 		else:
 			session.position = self.positions.get(session.site)
+			session.held = []
 		session.left_at = time.time()
 		try:
 			pipe = self.redis.pipeline(transaction=True)
@@ -351,6 +355,9 @@ class Recovery:
 			pipe.execute()
 		except Exception as exc:
 			logger.warning("could not keep session of site=%s user=%s for recovery: %s", session.site, session.user, exc)
+		finally:
+			self.drop(sid)
+			self._written.pop(session.pid, None)
 
 	def snapshot(self) -> None:
 		"""Write what was sent to each session since the last snapshot, with the positions,
