@@ -37,8 +37,10 @@ class StalledClient:
 		assert self.ws.recv().startswith("0{")  # Engine.IO open
 		self.ws.send(f"40{NS}," + json.dumps({"token": bearer}))
 		assert self.ws.recv().startswith(f"40{NS},")  # Socket.IO connected
-		for room in join:
-			self.ws.send(f"42{NS}," + json.dumps(["room:join", room]))
+		for ack, room in enumerate(join):  # each join is answered before the client stops reading
+			self.ws.send(f"42{NS},{ack}" + json.dumps(["room:join", room]))
+			while not self.ws.recv().startswith(f"43{NS},{ack}["):
+				pass
 
 	def close(self) -> None:
 		self.ws.sock and self.ws.sock.close()
