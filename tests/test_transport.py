@@ -4,10 +4,13 @@ the queues are dropped, and the stall clock runs only while packets wait."""
 
 from __future__ import annotations
 
+import socket
+import types
 import warnings
 
 import pytest
 from engineio import packet
+from harness import wait_for
 
 from excel_restaurant_pos.realtime import transport
 from excel_restaurant_pos.realtime.transport import packet_size
@@ -121,3 +124,26 @@ def test_a_websocket_writer_takes_one_packet_per_poll():
 		queue.get(block=False)
 	assert queue.unsent_packets == 1
 
+
+def test_bytes_the_peer_acknowledged_are_progress():
+	"""A writer waiting for room in a full socket takes nothing while the client drains it:
+	what the client's TCP stack acknowledged since the last look counts as progress."""
+	unsent, [queue] = client_queues(1)
+	with socket.create_server(("127.0.0.1", 0)) as listener:
+		peer = socket.create_connection(listener.getsockname())
+		server_side, _ = listener.accept()
+	with peer, server_side:
+		queue.websocket = types.SimpleNamespace(socket=server_side)
+		queue.put(message("waiting"))
+		queue.look_at_peer()  # the first look only learns where the count stands
+		before = queue.progress_at
+
+		queue.look_at_peer()
+		assert queue.progress_at == before  # nothing acknowledged since
+
+		acked = transport.bytes_acked(server_side)
+		server_side.sendall(b"x" * 10_000)
+		assert len(peer.recv(20_000)) > 0
+		wait_for(lambda: transport.bytes_acked(server_side) > acked, message="the peer's acknowledgement")
+		queue.look_at_peer()
+		assert queue.progress_at > before

@@ -174,11 +174,13 @@ class RealtimeServer:
 
 	def sweep_slow_clients(self) -> None:
 		"""Cut the clients that took nothing for ``slow_client_seconds`` while data waited
-		for them, drop what waits for sockets Engine.IO has let go, and check the budget."""
+		for them (no packet taken, no byte acknowledged), drop what waits for sockets
+		Engine.IO has let go, and check the budget."""
 		sockets = self._sockets_by_queue()
 		now = time.monotonic()
 		for queue in list(self.unsent.queues):
 			eio_socket = sockets.get(queue)
+			queue.look_at_peer()
 			if eio_socket is None or queue.stalled_for(now) >= self.config.slow_client_seconds:
 				self.cut_off(eio_socket, queue, "stalled")
 		self.enforce_budget()

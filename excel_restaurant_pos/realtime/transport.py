@@ -7,10 +7,12 @@ says nothing about that: on a busy machine a burst leaves every client far behin
 of them read. So two other rules bound it, applied by the server (see
 :meth:`RealtimeServer.cut_off`):
 
-* **Stalled**: packets wait for a client and its writer has taken none for
-  ``slow_client_seconds``. The websocket writer takes one packet at a time and comes back for
-  the next only once the socket took the previous one, so taking nothing means the client
-  stopped reading; a client that keeps taking packets, however far behind, is never stalled.
+* **Stalled**: packets wait for a client and nothing moved for ``slow_client_seconds``: its
+  writer took no packet and its TCP peer acknowledged no byte. The websocket writer takes one
+  packet at a time and comes back for the next only once the socket took the previous one; a
+  socket with a full buffer makes it wait until much of that buffer has drained, so a client
+  that reads slowly shows its progress in the kernel's count of what it acknowledged (see
+  :func:`bytes_acked`). A client that keeps taking data, however far behind, is never stalled.
 * **Over budget**: the process's unsent data passes ``max_unsent_bytes``. A broadcast puts
   the same packet object on every queue, so :class:`UnsentData` counts each distinct packet
   once however many queues hold it: that is the memory a burst really costs. The clients that
@@ -31,6 +33,8 @@ built once and written to every client. A direct write is progress, as a packet 
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +46,16 @@ def packet_size(packet: Any) -> int:
 	"""What a queued Engine.IO packet will cost on the wire, near enough."""
 	data = getattr(packet, "data", None)
 	return 8 + (len(data) if isinstance(data, (str, bytes)) else 0)
+
+
+def bytes_acked(sock: Any) -> int | None:
+	"""The bytes a TCP socket's peer has acknowledged so far (Linux's ``tcpi_bytes_acked``);
+	``None`` where the kernel does not say (a unix socket, another system)."""
+	try:
+		info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+	except (AttributeError, OSError):
+		return None
+	return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
 
 
 class UnsentData:
@@ -94,6 +108,8 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			self.unsent_bytes = 0
 			self.unsent_packets = 0
 			self.progress_at = self.waiting_since = time.monotonic()
+			#: What the websocket's TCP peer had acknowledged at the last :meth:`look_at_peer`.
+			self.peer_acked: int | None = None
 			#: Set once the client is cut or its socket gone: nothing here will be sent.
 			self.discarded = False
 			#: The Engine.IO socket and websocket, once a websocket writer drains this queue.
@@ -145,6 +161,15 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			if not self.unsent_packets:
 				unsent.queues.discard(self)
 			unsent.release(item)
+
+		def look_at_peer(self) -> None:
+			"""Count as progress the bytes the websocket's peer acknowledged since the last
+			look: its writer may be waiting for room in a socket that the client drains."""
+			acked = bytes_acked(self.websocket.socket) if self.websocket is not None else None
+			if acked is not None and acked != self.peer_acked:
+				if self.peer_acked is not None:
+					self.progress_at = time.monotonic()
+				self.peer_acked = acked
 
 		def idle_since(self) -> float:
 			"""Since when packets have waited here with no progress."""
