@@ -1,10 +1,12 @@
-"""The accounting behind back-pressure, without a server: a broadcast's packet counts once
-however many client queues hold it, the total returns to 0 once writers take the packets or
-the queues are dropped, and the stall clock runs only while packets wait."""
+"""The accounting behind back-pressure, without a running server: a broadcast's packet
+counts once however many client queues hold it, the total returns to 0 once writers take the
+packets or the queues are dropped, and the stall clock runs only while packets wait and
+nothing moves."""
 
 from __future__ import annotations
 
 import socket
+import time
 import types
 import warnings
 
@@ -13,6 +15,8 @@ from engineio import packet
 from harness import wait_for
 
 from excel_restaurant_pos.realtime import transport
+from excel_restaurant_pos.realtime.config import load_config
+from excel_restaurant_pos.realtime.server import RealtimeServer
 from excel_restaurant_pos.realtime.transport import packet_size
 
 with warnings.catch_warnings():
@@ -147,3 +151,23 @@ def test_bytes_the_peer_acknowledged_are_progress():
 		wait_for(lambda: transport.bytes_acked(server_side) > acked, message="the peer's acknowledgement")
 		queue.look_at_peer()
 		assert queue.progress_at > before
+
+
+def test_time_the_process_was_blocked_does_not_count_against_a_client(tmp_path):
+	"""A sweep that finds packets waiting ten seconds, right after the process itself could
+	not run for a while, gives the client its full grace again before it cuts."""
+	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32}, cwd=tmp_path))
+	queue = server.sio.eio._async["queue"]()
+	closes = []
+	server.sio.eio.sockets["eio1"] = types.SimpleNamespace(sid="eio1", queue=queue, closed=False, close=lambda **how: closes.append(how))
+	queue.put(message("waiting"))
+	queue.progress_at = queue.waiting_since = time.monotonic() - 10
+
+	server.loop_blocked_until = time.monotonic()
+	server.sweep_slow_clients()
+	assert closes == [] and queue.unsent_packets == 1
+
+	server.loop_blocked_until = time.monotonic() - server.config.slow_client_seconds
+	server.sweep_slow_clients()
+	assert closes == [{"wait": False, "abort": True}]
+	assert server.unsent.total == 0

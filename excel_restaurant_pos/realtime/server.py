@@ -36,6 +36,8 @@ from excel_restaurant_pos.realtime.manager import IndexedManager
 
 logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
+#: A sweep this many seconds late means nothing else ran either: the process was blocked.
+LOOP_BLOCKED = 0.5
 
 
 class RealtimeServer:
@@ -60,6 +62,8 @@ class RealtimeServer:
 		)
 		self.unsent = transport.UnsentData(config.max_unsent_bytes, self._on_over_budget)
 		self.budget_cut_pending = False
+		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
+		self.loop_blocked_until = 0.0
 		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent)
 		self.sio_app = socketio.WSGIApp(self.sio)
 		self.clients: dict[str, events.Client] = {}
@@ -175,13 +179,18 @@ class RealtimeServer:
 	def sweep_slow_clients(self) -> None:
 		"""Cut the clients that took nothing for ``slow_client_seconds`` while data waited
 		for them (no packet taken, no byte acknowledged), drop what waits for sockets
-		Engine.IO has let go, and check the budget."""
+		Engine.IO has let go, and check the budget.
+
+		Time the process itself could not run its writers (a burst read from Redis in one go,
+		a starved machine) says nothing about the clients, so no clock runs from before
+		``loop_blocked_until``: a client then has ``slow_client_seconds`` again to take
+		something."""
 		sockets = self._sockets_by_queue()
 		now = time.monotonic()
 		for queue in list(self.unsent.queues):
 			eio_socket = sockets.get(queue)
 			queue.look_at_peer()
-			if eio_socket is None or queue.stalled_for(now) >= self.config.slow_client_seconds:
+			if eio_socket is None or now - max(queue.idle_since(), self.loop_blocked_until) >= self.config.slow_client_seconds:
 				self.cut_off(eio_socket, queue, "stalled")
 		self.enforce_budget()
 
@@ -237,7 +246,11 @@ class RealtimeServer:
 
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
+			asleep = time.monotonic()
 			self.sio.sleep(SWEEP_INTERVAL)
+			now = time.monotonic()
+			if now - asleep > SWEEP_INTERVAL + LOOP_BLOCKED:
+				self.loop_blocked_until = now
 			for sweep in (self.sweep_expiry, self.sweep_slow_clients):
 				try:
 					sweep()
