@@ -149,10 +149,16 @@ class RealtimeServer:
 	# -- publish flow ---------------------------------------------------------------------
 
 	def deliver(self, delivery: Delivery) -> None:
-		"""Emit one bridged event to the local clients of each of its namespaces."""
+		"""Emit one bridged event to the local clients of each of its namespaces.
+
+		Over the unsent budget, the cuts run before the next event is read: the bridge reads
+		a Redis backlog without ever blocking, so a cut left for later would wait for the
+		whole backlog to be held in memory first."""
 		for namespace in delivery.namespaces:
 			self.sio.emit(delivery.event, delivery.message, to=delivery.room, namespace=namespace)
 		metrics.DELIVERIES.inc(len(delivery.namespaces))
+		if self.budget_cut_pending:
+			self.sio.sleep(0)
 
 	# -- back-pressure --------------------------------------------------------------------
 
