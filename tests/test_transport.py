@@ -22,6 +22,7 @@ from excel_restaurant_pos.realtime.transport import packet_size
 with warnings.catch_warnings():
 	warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # as the server's entry point does
 	from engineio.async_drivers import eventlet as eventlet_driver
+	from eventlet.semaphore import Semaphore
 
 
 def client_queues(count: int, budget: int = 1 << 20, on_over_budget=lambda: None) -> tuple[transport.UnsentData, list]:
@@ -119,7 +120,7 @@ def test_a_websocket_writer_takes_one_packet_per_poll():
 	"""Engine.IO's writer takes what it can before it sends; taking one at a time keeps the
 	rest counted here until the socket took the packet before."""
 	unsent, [queue] = client_queues(1)
-	queue.websocket = object()
+	queue.websocket = types.SimpleNamespace(_sendlock=Semaphore())
 	queue.put(message("a"))
 	queue.put(message("b"))
 
@@ -127,6 +128,24 @@ def test_a_websocket_writer_takes_one_packet_per_poll():
 	with pytest.raises(eventlet_driver._async["queue_empty"]):
 		queue.get(block=False)
 	assert queue.unsent_packets == 1
+
+
+def test_a_packet_taken_while_a_frame_is_still_being_finished_is_not_progress():
+	"""After a direct write the socket took only part of, the idle writer may take the next
+	packet at once and then wait for the send lock: that says nothing about the socket."""
+	unsent, [queue] = client_queues(1)
+	queue.websocket = types.SimpleNamespace(_sendlock=Semaphore())
+	queue.put(message("a"))
+	queue.put(message("b"))
+	before = queue.progress_at
+
+	queue.websocket._sendlock.acquire()  # the rest of a frame is still being sent
+	queue.get()
+	assert queue.progress_at == before
+
+	queue.websocket._sendlock.release()
+	queue.get()
+	assert queue.progress_at > before
 
 
 def test_bytes_the_peer_acknowledged_are_progress():

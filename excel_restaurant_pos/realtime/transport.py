@@ -150,7 +150,11 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 
 		def _get(self) -> Any:
 			item = super()._get()
-			self.progress_at = time.monotonic()
+			websocket = self.websocket
+			# While a direct write is still being finished the writer may take a packet, and
+			# then waits for the send lock: the socket has not taken the frame before it.
+			if websocket is None or not websocket._sendlock.locked():
+				self.progress_at = time.monotonic()
 			if item is not None:
 				self._let_go(item)
 			return item
