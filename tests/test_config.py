@@ -439,7 +439,7 @@ def test_limits_from_file_keys(tmp_path):
 def test_limits_from_env(outside):
 	env = {
 		"EXCEL_RESTAURANT_POS_SOCKETIO_MAX_PAYLOAD": "4096",
-		"EXCEL_RESTAURANT_POS_SOCKETIO_CLIENT_QUEUE_BYTES": "65536",
+		"EXCEL_RESTAURANT_POS_SOCKETIO_MAX_UNSENT_BYTES": "65536",
 		"EXCEL_RESTAURANT_POS_SOCKETIO_CONNECTIONS_PER_USER": "2",
 		"EXCEL_RESTAURANT_POS_SOCKETIO_EXPIRY_WARNING": "0.5",
 	}
@@ -447,7 +447,7 @@ def test_limits_from_env(outside):
 	config = load_config(env=env, cwd=outside)
 
 	assert config.max_payload == 4096
-	assert config.client_queue_bytes == 65536
+	assert config.max_unsent_bytes == 65536
 	assert config.connections_per_user == 2
 	assert config.expiry_warning == 0.5
 
@@ -456,7 +456,7 @@ def test_limit_defaults(outside):
 	config = load_config(env={}, cwd=outside)
 
 	assert config.max_payload == 1_000_000
-	assert config.client_queue_bytes == 1 << 20
+	assert config.max_unsent_bytes == 128 << 20
 	assert config.rooms_per_socket == 100
 	assert config.events_per_second == 50
 	assert config.connections_per_user == 20

@@ -4,8 +4,12 @@ tokens, namespaces and room names, while a legitimate client keeps receiving eve
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import string
+import subprocess
+import sys
 import threading
 import time
 
@@ -37,8 +41,10 @@ class StalledClient:
 		assert self.ws.recv().startswith("0{")  # Engine.IO open
 		self.ws.send(f"40{NS}," + json.dumps({"token": bearer}))
 		assert self.ws.recv().startswith(f"40{NS},")  # Socket.IO connected
-		for room in join:
-			self.ws.send(f"42{NS}," + json.dumps(["room:join", room]))
+		for ack, room in enumerate(join):  # each join is answered before the client stops reading
+			self.ws.send(f"42{NS},{ack}" + json.dumps(["room:join", room]))
+			while not self.ws.recv().startswith(f"43{NS},{ack}["):
+				pass
 
 	def close(self) -> None:
 		self.ws.sock and self.ws.sock.close()
@@ -58,7 +64,7 @@ def probe_latencies(js, clients: list[str], count: int) -> list[float]:
 
 
 def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js, publish):
-	server = realtime(client_queue_bytes=256 * 1024)
+	server = realtime(max_unsent_bytes=4 * 1024 * 1024)
 	fast = [f"fast{i}" for i in range(200)]
 	for client in fast:
 		js.send(cmd="connect", id=client, url=server.url + NS, opts={"transports": ["websocket"], "auth": {"token": token(f"u{client}@example.com")}, "reconnection": False})
@@ -70,7 +76,7 @@ def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js
 
 	chunk = "x" * 20_000
 	firehose = threading.Thread(target=lambda: [publish.publish_to_room("firehose", "bulk", {"n": n, "data": chunk}) for n in range(2_000)])
-	firehose.start()  # 40 MB for the stalled client alone
+	firehose.start()  # 40 MB for the stalled client alone, ten times the process's budget
 	probes = 0
 	while firehose.is_alive() or probes < 20:
 		publish.publish_event("probe", {"sent_at": time.time() * 1000})
@@ -87,20 +93,108 @@ def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js
 	assert latencies[-1] < 1000, f"max probe latency {latencies[-1]:.0f} ms"
 	grown = server.rss_bytes() - rss_before
 	assert grown < 20 * 1024 * 1024, f"server grew {grown / 1e6:.1f} MB for a client that never read"
-	assert "slow client cut off" in server.log()
+	unsent_at_cut = int(re.search(r"slow client cut off \(over budget\): (\d+) bytes", server.log())[1])
+	assert unsent_at_cut < 2 * 4 * 1024 * 1024, f"cut only at {unsent_at_cut / 1e6:.1f} MB unsent"  # right past the budget
 	assert server.metric("excel_pos_realtime_queued_bytes") < 256 * 1024
 	stalled.close()
 
 
 def test_a_burst_that_healthy_clients_drain_does_not_trip_the_limit(realtime, js, publish):
-	server = realtime()
+	server = realtime(slow_client_seconds=1)
 	js.connect("c", server.url + NS, token=token())
-	for n in range(3_000):  # ~3 MB in a burst: three times the queue limit
+	for n in range(3_000):  # ~3 MB in a burst: the client falls behind and keeps taking packets
 		publish.publish_event("burst", {"n": n, "pad": "y" * 1000})
 	publish.publish_event("fence", None)
 	js.wait_event("c", "fence", timeout=30)
 	assert len(js.received("c", "burst")) == 3_000
 	assert server.metric("excel_pos_realtime_slow_client_disconnects_total") == 0
+
+
+def connect_healthy(js, server, clients: list[str], room: str) -> None:
+	"""Connect JS clients (``poll…`` on long-polling, the rest on websocket) and have each
+	join ``room``; their events come back abridged, so large ones can be counted cheaply."""
+	for client in clients:
+		transport = "polling" if client.startswith("poll") else "websocket"
+		opts = {"transports": [transport], "auth": {"token": token(f"{client}@example.com")}, "reconnection": False}
+		js.send(cmd="connect", id=client, url=server.url + NS, opts=opts, brief=True)
+	for client in clients:
+		js.wait(lambda item, c=client: item.get("id") == c and item["type"] in ("connect", "connect_error"), 30, f"{client} to connect")
+		assert js.emit(client, "room:join", room, timeout=30)[0]["ok"] is True
+
+
+def starve(pid: int) -> subprocess.Popen:
+	"""Pin ``pid`` (every thread of it) and a busy loop to one core, so that the process gets
+	about half of it. Returns the busy loop, for the caller to kill."""
+	cpu = max(os.sched_getaffinity(0))
+	busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+	os.sched_setaffinity(busy.pid, {cpu})
+	for thread in os.listdir(f"/proc/{pid}/task"):
+		os.sched_setaffinity(int(thread), {cpu})
+	return busy
+
+
+def test_a_burst_on_a_starved_server_cuts_only_the_client_that_stopped_reading(realtime, js, publish):
+	"""20 MB to a room on a server that has half a core: every healthy client falls far
+	behind while it reads, and receives every event; only the client that stopped reading is
+	cut, for being stalled."""
+	server = realtime()
+	healthy = [f"ws{i}" for i in range(20)] + [f"poll{i}" for i in range(3)]
+	connect_healthy(js, server, healthy, "firehose")
+	stalled = StalledClient(server.port, token("slow@example.com"), "firehose")
+	wait_for(lambda: server.health()[1]["clients"] == len(healthy) + 1, message="all clients connected")
+
+	busy = starve(server.process.pid)
+	try:
+		chunk = "x" * 20_000
+		for n in range(1_000):
+			publish.publish_to_room("firehose", "bulk", {"n": n, "data": chunk})
+		publish.publish_to_room("firehose", "fence", None)
+		for client in healthy:
+			end = js.wait(lambda item, c=client: item.get("id") == c and (item["type"] == "disconnect" or item.get("event") == "fence"), 180, f"fence at {client}")
+			assert end["type"] == "event", end
+		wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") >= 1, 30, message="the stalled client to be cut")
+	finally:
+		busy.kill()
+		busy.wait(10)
+
+	for client in healthy:
+		assert [args[0]["n"] for args in js.received(client, "bulk")] == list(range(1_000)), client
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+	assert server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1
+	cuts = [line for line in server.log().splitlines() if "slow client cut off" in line]
+	assert len(cuts) == 1 and "(stalled)" in cuts[0] and "user=slow@example.com" in cuts[0], cuts
+	stalled.close()
+
+
+def test_the_process_budget_cuts_the_stalled_client_long_before_the_stall_rule(realtime, js, publish):
+	"""With a 2 MB budget and a minute's grace for stalls, a client that stopped reading is
+	cut as soon as the process's unsent data passes the budget, before any client that reads;
+	the healthy clients of the same room miss nothing, and the unsent data goes back to
+	nothing. 10 MB in all: the kernel takes a few MB for the stalled client before its writer
+	blocks, and the rest waits in the process."""
+	server = realtime(max_unsent_bytes=2 * 1024 * 1024, slow_client_seconds=60)
+	healthy = [f"ws{i}" for i in range(5)] + ["poll0"]
+	connect_healthy(js, server, healthy, "firehose")
+	stalled = StalledClient(server.port, token("slow@example.com"), "firehose")
+	wait_for(lambda: server.health()[1]["clients"] == len(healthy) + 1, message="all clients connected")
+
+	started = time.monotonic()
+	chunk = "x" * 20_000
+	for round_ in range(20):  # 25 events (0.5 MB) at a time, each read by the healthy clients before the next
+		for n in range(25 * round_, 25 * (round_ + 1)):
+			publish.publish_to_room("firehose", "bulk", {"n": n, "data": chunk})
+		for client in healthy:
+			js.wait_event(client, "bulk", timeout=60, where=lambda args, last=25 * round_ + 24: args[0]["n"] == last)
+	wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1, 30, message="the stalled client to be cut")
+	assert time.monotonic() - started < 45, "cut by the stall rule, not the budget"
+
+	for client in healthy:
+		assert [args[0]["n"] for args in js.received(client, "bulk")] == list(range(500)), client
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+	cuts = [line for line in server.log().splitlines() if "slow client cut off" in line]
+	assert len(cuts) == 1 and "(over budget)" in cuts[0] and "user=slow@example.com" in cuts[0], cuts
+	wait_for(lambda: server.metric("excel_pos_realtime_queued_bytes") < 64 * 1024, 10, message="unsent data to drain")
+	stalled.close()
 
 
 def test_connections_per_user(realtime, js):

@@ -134,9 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
 	Setting("public_rooms", f"{APP_NAME}_socketio_public_rooms", "EXCEL_RESTAURANT_POS_PUBLIC_ROOMS", _as_list, "glob patterns Website Users may join"),
 	Setting("sites", None, "EXCEL_RESTAURANT_POS_SITES", _as_list, "standalone sites"),
 	_limit("max_payload", _as_int, "largest client message in bytes"),
-	_limit("client_queue_bytes", _as_int, "unsent bytes a client may have before it is cut off"),
-	_limit("client_queue_packets", _as_int, "unsent packets a client may have before it is cut off"),
-	_limit("slow_client_seconds", _as_float, "how long a client may stay over its queue limit"),
+	_limit("max_unsent_bytes", _as_int, "unsent bytes the process may hold, each broadcast counted once, before clients are cut"),
+	_limit("slow_client_seconds", _as_float, "how long a client with data waiting may take nothing before it is cut"),
 	_limit("rooms_per_socket", _as_int, "rooms a client may join itself"),
 	_limit("events_per_second", _as_float, "client events per second per socket"),
 	_limit("connections_per_user", _as_int, "connections per user and site"),
@@ -170,8 +169,7 @@ DEFAULTS: dict[str, Any] = {
 	"public_rooms": (),
 	"sites": ("default",),
 	"max_payload": 1_000_000,
-	"client_queue_bytes": 1 << 20,
-	"client_queue_packets": 10_000,
+	"max_unsent_bytes": 128 << 20,
 	"slow_client_seconds": 3.0,
 	"rooms_per_socket": 100,
 	"events_per_second": 50.0,
@@ -215,8 +213,7 @@ class Config:
 	allowed_origins: tuple[str, ...] | None
 	public_rooms: tuple[str, ...]
 	max_payload: int
-	client_queue_bytes: int
-	client_queue_packets: int
+	max_unsent_bytes: int
 	slow_client_seconds: float
 	rooms_per_socket: int
 	events_per_second: float

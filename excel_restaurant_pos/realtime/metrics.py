@@ -13,11 +13,11 @@ CONNECTS = Counter("excel_pos_realtime_connects", "Connection attempts by result
 DELIVERIES = Counter("excel_pos_realtime_deliveries", "Events emitted to local clients (one per namespace and event)")
 REDIS_MESSAGES = Counter("excel_pos_realtime_redis_messages", "Redis messages read", ["channel", "result"])
 REDIS_RECONNECTS = Counter("excel_pos_realtime_redis_reconnects", "Redis connections re-established after an outage")
-SLOW_CLIENT_DISCONNECTS = Counter("excel_pos_realtime_slow_client_disconnects", "Clients cut off for unsent data over the limit")
+SLOW_CLIENT_DISCONNECTS = Counter("excel_pos_realtime_slow_client_disconnects", "Clients cut off at the transport: stalled with data waiting, or the process over its unsent budget")
 CLIENT_EVENTS = Counter("excel_pos_realtime_client_events", "Events received from clients by result", ["result"])
 RECOVERIES = Counter("excel_pos_realtime_recoveries", "Reconnects that asked to recover a session, by result", ["result"])
 REPLAYED_EVENTS = Counter("excel_pos_realtime_replayed_events", "Events sent again to clients that recovered their session")
-QUEUE_BYTES = Gauge("excel_pos_realtime_queued_bytes", "Bytes waiting to be sent to clients")
+QUEUE_BYTES = Gauge("excel_pos_realtime_queued_bytes", "Bytes waiting to be sent to clients, each broadcast counted once")
 AUTH_SECONDS = Histogram(
 	"excel_pos_realtime_auth_seconds",
 	"Time to verify a token at connect",

@@ -60,6 +60,8 @@ class SocketServer(socketio.Server):
 			if session is not None:
 				pkt.data = {**pkt.data, "pid": session.pid}
 		super()._send_packet(eio_sid, pkt)
+#: A sweep this many seconds late means nothing else ran either: the process was blocked.
+LOOP_BLOCKED = 0.5
 
 
 class RealtimeServer:
@@ -82,9 +84,11 @@ class RealtimeServer:
 			ping_interval=config.ping_interval,
 			ping_timeout=config.ping_timeout,
 		)
-		self.sio.eio._async = transport.engineio_overrides(
-			self.sio.eio._async, config.client_queue_bytes, config.client_queue_packets, self._on_overflow
-		)
+		self.unsent = transport.UnsentData(config.max_unsent_bytes, self._on_over_budget)
+		self.budget_cut_pending = False
+		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
+		self.loop_blocked_until = 0.0
+		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent)
 		self.sio_app = socketio.WSGIApp(self.sio)
 		self.clients: dict[str, events.Client] = {}
 		self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -269,40 +273,90 @@ class RealtimeServer:
 			self.deliver(delivery)
 
 	def deliver(self, delivery: Delivery) -> None:
-		"""Emit one event to the local clients of each namespace its scope reaches."""
+		"""Emit one event to the local clients of each namespace its scope reaches.
+
+		Over the unsent budget, the cuts run before the next event is read: the log reader
+		reads a Redis backlog without blocking, so a cut left for later would wait for the
+		whole backlog to be held in memory first."""
 		namespaces = self.scopes[(delivery.site, delivery.scope)]
 		for namespace in namespaces:
 			self.sio.manager.deliver(namespace, delivery)
 		metrics.DELIVERIES.inc(len(namespaces))
+		if self.budget_cut_pending:
+			self.sio.sleep(0)
 
 	# -- back-pressure --------------------------------------------------------------------
 
-	def _on_overflow(self, queue: Any) -> None:
-		"""Called inside an emit: the cut itself runs on its own, after the emit returns."""
-		self.sio.start_background_task(self.cut_off, queue)
+	def _on_over_budget(self) -> None:
+		"""Called inside an emit, for every packet while the process is over its budget: the
+		cuts run once, on their own, after the emit returns."""
+		if not self.budget_cut_pending:
+			self.budget_cut_pending = True
+			self.sio.start_background_task(self.enforce_budget)
 
-	def cut_off(self, queue: Any) -> None:
-		"""Disconnect, at the transport, the client whose outgoing queue is over the limit."""
-		eio_socket = next((s for s in list(self.sio.eio.sockets.values()) if s.queue is queue), None)
-		if eio_socket is None:
+	def enforce_budget(self) -> None:
+		"""Cut clients holding unsent data until the process is back under
+		``max_unsent_bytes``, those that have taken nothing for longest first: a client that
+		stopped reading goes before any client that is merely behind."""
+		self.budget_cut_pending = False
+		if self.unsent.total <= self.unsent.budget:
 			return
-		metrics.SLOW_CLIENT_DISCONNECTS.inc()
-		who = [c for c in self.clients.values() if self.sio.manager.eio_sid_from_sid(c.sid, c.namespace) == eio_socket.sid]
-		logger.warning(
-			"slow client cut off: %d bytes in %d packets unsent (limit %d) site=%s user=%s",
-			queue.queued_bytes, queue.qsize(), self.config.client_queue_bytes,
-			who[0].site if who else "-", who[0].user if who else "-",
-		)
-		eio_socket.close(wait=False, abort=True)
-		raw = getattr(eio_socket, "transport_socket", None)
-		if raw is not None:
-			try:
-				raw.shutdown(socket.SHUT_RDWR)  # unblocks a writer stuck on a peer that stopped reading
-			except OSError:
-				pass
+		sockets = self._sockets_by_queue()
+		for queue in sorted(self.unsent.queues, key=lambda queue: queue.idle_since()):
+			if self.unsent.total <= self.unsent.budget:
+				break
+			self.cut_off(sockets.get(queue), queue, "over budget")
 
-	def queued_bytes(self) -> int:
-		return sum(getattr(s.queue, "queued_bytes", 0) for s in list(self.sio.eio.sockets.values()))
+	def sweep_slow_clients(self) -> None:
+		"""Cut the clients that took nothing for ``slow_client_seconds`` while data waited
+		for them (no packet taken, no byte acknowledged), drop what waits for sockets
+		Engine.IO has let go, and check the budget.
+
+		Time the process itself could not run its writers (a burst read from Redis in one go,
+		a starved machine) says nothing about the clients, so no clock runs from before
+		``loop_blocked_until``: a client then has ``slow_client_seconds`` again to take
+		something."""
+		sockets = self._sockets_by_queue()
+		now = time.monotonic()
+		for queue in list(self.unsent.queues):
+			eio_socket = sockets.get(queue)
+			queue.look_at_peer()
+			if eio_socket is None or now - max(queue.idle_since(), self.loop_blocked_until) >= self.config.slow_client_seconds:
+				self.cut_off(eio_socket, queue, "stalled")
+		self.enforce_budget()
+
+	def cut_off(self, eio_socket: Any, queue: Any, reason: str) -> None:
+		"""Disconnect a client at the transport and drop what waits for it. ``reason`` is
+		``stalled`` or ``over budget``. A socket that is already closed (or gone) is not a
+		client any more: its leftovers are dropped without counting it."""
+		stalled_for, unsent_bytes, unsent_packets = queue.stalled_for(time.monotonic()), queue.unsent_bytes, queue.unsent_packets
+		if eio_socket is None or eio_socket.closed:
+			queue.discard()
+			if eio_socket is not None:
+				_shut_down(eio_socket)  # a writer may still be stuck sending its last frames
+			logger.debug("dropped %d bytes in %d packets left for a closed socket", unsent_bytes, unsent_packets)
+			return
+		client = self._client_of(eio_socket.sid)
+		eio_socket.close(wait=False, abort=True)
+		queue.discard()
+		_shut_down(eio_socket)
+		metrics.SLOW_CLIENT_DISCONNECTS.inc()
+		logger.warning(
+			"slow client cut off (%s): %d bytes in %d packets unsent, nothing taken for %.1f s; "
+			"%d bytes left unsent in the process (budget %d) site=%s user=%s",
+			reason, unsent_bytes, unsent_packets, stalled_for, self.unsent.total, self.unsent.budget,
+			client.site if client else "-", client.user if client else "-",
+		)
+
+	def _sockets_by_queue(self) -> dict[Any, Any]:
+		return {eio_socket.queue: eio_socket for eio_socket in list(self.sio.eio.sockets.values())}
+
+	def _client_of(self, eio_sid: str) -> events.Client | None:
+		for namespace in list(self.sio.manager.get_namespaces()):
+			client = self.clients.get(self.sio.manager.sid_from_eio_sid(eio_sid, namespace))
+			if client is not None:
+				return client
+		return None
 
 	# -- token expiry ---------------------------------------------------------------------
 
@@ -321,17 +375,13 @@ class RealtimeServer:
 				client.warned_exp = exp
 				client.emit("auth:expired", {"exp": int(exp)})
 
-	def sweep_slow_clients(self) -> None:
-		"""Cut the clients that stayed over their queue limit for the whole grace period."""
-		too_old = time.monotonic() - self.config.slow_client_seconds
-		for eio_socket in list(self.sio.eio.sockets.values()):
-			since = getattr(eio_socket.queue, "over_since", None)
-			if since is not None and since < too_old:
-				eio_socket.queue.overflow()
-
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
+			asleep = time.monotonic()
 			self.sio.sleep(SWEEP_INTERVAL)
+			now = time.monotonic()
+			if now - asleep > SWEEP_INTERVAL + LOOP_BLOCKED:
+				self.loop_blocked_until = now
 			for sweep in (self.sweep_expiry, self.sweep_slow_clients, self.recovery.snapshot, self.presence.keep_alive):
 				try:
 					sweep()
@@ -363,7 +413,7 @@ class RealtimeServer:
 	# -- lifecycle ------------------------------------------------------------------------
 
 	def start_background(self) -> None:
-		metrics.QUEUE_BYTES.set_function(self.queued_bytes)
+		metrics.QUEUE_BYTES.set_function(lambda: self.unsent.total)
 		self.presence.keep_alive()
 		self.bridge.start(self.sio.start_background_task)
 		self.sio.start_background_task(self._sweep_forever)
@@ -410,6 +460,17 @@ def _redis_client(url: str) -> Any:
 
 	pool = redis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=20, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
 	return redis.Redis(connection_pool=pool)
+
+
+def _shut_down(eio_socket: Any) -> None:
+	"""Shut a client's TCP connection, which unblocks a writer stuck on a peer that stopped
+	reading (closing the Engine.IO socket alone leaves it waiting)."""
+	raw = getattr(eio_socket, "transport_socket", None)
+	if raw is not None:
+		try:
+			raw.shutdown(socket.SHUT_RDWR)
+		except OSError:
+			pass
 
 
 def _respond(start_response: Any, code: int, body: bytes, content_type: str) -> list[bytes]:

@@ -1,15 +1,22 @@
-"""Back-pressure at the Engine.IO transport: a bounded outgoing queue per client.
+"""Back-pressure at the Engine.IO transport: what waits for each client, and for the process.
 
 Engine.IO keeps one unbounded queue of packets per client, drained by that client's writer.
 A client that stops reading (a tablet on a dying Wi-Fi, a hostile peer) would let its queue
-grow with every broadcast until the server runs out of memory. Here the queue counts the
-bytes and packets waiting; past the limit it stops taking packets and reports the client,
-whose transport the server then cuts (see :meth:`RealtimeServer.cut_off`).
+grow with every broadcast until the server runs out of memory. How far behind a client is
+says nothing about that: on a busy machine a burst leaves every client far behind while all
+of them read. So two other rules bound it, applied by the server (see
+:meth:`RealtimeServer.cut_off`):
 
-Two limits, so that a burst a healthy client drains never trips it: a queue over the limit
-starts a clock (``over_since``) that the server's sweep reads, and a client still over it
-after the grace period is cut; a queue over four times the limit is cut at once, which
-bounds the memory a client that never reads can hold.
+* **Stalled**: packets wait for a client and nothing moved for ``slow_client_seconds``: its
+  writer took no packet and its TCP peer acknowledged no byte. The websocket writer takes one
+  packet at a time and comes back for the next only once the socket took the previous one; a
+  socket with a full buffer makes it wait until much of that buffer has drained, so a client
+  that reads slowly shows its progress in the kernel's count of what it acknowledged (see
+  :func:`bytes_acked`). A client that keeps taking data, however far behind, is never stalled.
+* **Over budget**: the process's unsent data passes ``max_unsent_bytes``. A broadcast puts
+  the same packet object on every queue, so :class:`UnsentData` counts each distinct packet
+  once however many queues hold it: that is the memory a burst really costs. The clients that
+  have taken nothing for longest are cut first, until the process is back under the budget.
 
 The websocket wrapper remembers each client's TCP socket, so a cut can also unblock a writer
 stuck in ``send()`` to a peer that no longer reads.
@@ -20,20 +27,19 @@ writer is idle (waiting on an empty queue) and the socket takes the whole frame 
 frame is written straight away instead, with the websocket's own send lock held; a frame the
 socket takes only part of is finished by a green thread that keeps the lock, so the writer
 (which takes the same lock) sends what follows only after it. For a broadcast the frame is
-built once and written to every client.
+built once and written to every client. A direct write is progress, as a packet taken is.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-#: A queue this many times over its limit is cut at once, without waiting for the grace.
-HARD_LIMIT_FACTOR = 4
 
 
 def packet_size(packet: Any) -> int:
@@ -42,55 +48,154 @@ def packet_size(packet: Any) -> int:
 	return 8 + (len(data) if isinstance(data, (str, bytes)) else 0)
 
 
-def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on_overflow: Callable[[Any], None]) -> dict:
-	"""A copy of Engine.IO's eventlet driver table with the bounded queue and the websocket
+def bytes_acked(sock: Any) -> int | None:
+	"""The bytes a TCP socket's peer has acknowledged so far (Linux's ``tcpi_bytes_acked``);
+	``None`` where the kernel does not say (a unix socket, another system)."""
+	try:
+		info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+	except (AttributeError, OSError):
+		return None
+	return int.from_bytes(info[120:128], sys.byteorder) if len(info) >= 128 else None
+
+
+class UnsentData:
+	"""The bytes waiting in every client queue, each distinct packet counted once.
+
+	A packet carries the number of queues holding it (``unsent_holders``): its size joins the
+	total when the first queue takes it and leaves when the last one lets it go, whether a
+	writer took it or its queue was dropped. Past ``budget`` each new distinct packet calls
+	``on_over_budget``, from inside the emit that put it.
+	"""
+
+	def __init__(self, budget: int, on_over_budget: Callable[[], None]):
+		self.budget = budget
+		self.on_over_budget = on_over_budget
+		self.total = 0
+		#: The queues holding at least one packet: the only ones a cut can relieve.
+		self.queues: set[Any] = set()
+
+	def hold(self, packet: Any) -> None:
+		holders = getattr(packet, "unsent_holders", 0)
+		packet.unsent_holders = holders + 1
+		if not holders:
+			self.total += packet_size(packet)
+			if self.total > self.budget:
+				self.on_over_budget()
+
+	def release(self, packet: Any) -> None:
+		holders = packet.unsent_holders - 1
+		packet.unsent_holders = holders
+		if not holders:
+			self.total -= packet_size(packet)
+
+
+def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
+	"""A copy of Engine.IO's eventlet driver table with the client queue and the websocket
 	wrapper in place; Engine.IO builds each client's queue and websocket from this table."""
 	import eventlet
 	from eventlet.websocket import RFC6455WebSocket
 
 	queue_class = async_drivers["queue"]
+	queue_empty = async_drivers["queue_empty"]
 	websocket_class = async_drivers["websocket"]
-	hard_bytes, hard_packets = HARD_LIMIT_FACTOR * max_bytes, HARD_LIMIT_FACTOR * max_packets
 
-	class BoundedQueue(queue_class):
-		"""Counts what waits, starts ``over_since`` past the limit, and past the hard limit
-		drops new packets and calls ``on_overflow`` once."""
+	class ClientQueue(queue_class):
+		"""Counts what waits into ``unsent`` and keeps the clock of the stall rule: when its
+		writer last made progress, and since when packets have waited."""
 
 		def __init__(self, *args: Any, **kwargs: Any):
 			super().__init__(*args, **kwargs)
-			self.queued_bytes = 0
-			self.over_since: float | None = None
-			self.overflowed = False
+			self.unsent_bytes = 0
+			self.unsent_packets = 0
+			self.progress_at = self.waiting_since = time.monotonic()
+			#: What the websocket's TCP peer had acknowledged at the last :meth:`look_at_peer`.
+			self.peer_acked: int | None = None
+			#: Set once the client is cut or its socket gone: nothing here will be sent.
+			self.discarded = False
 			#: The Engine.IO socket and websocket, once a websocket writer drains this queue.
 			self.owner: Any = None
 			self.websocket: Any = None
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
 			if item is not None:  # None is Engine.IO's end-of-stream mark: always let it through
-				if self.overflowed:
+				if self.discarded:
 					return
 				if self.websocket is not None and not self.queue and self.getters and self.write_now(item):
+					self.progress_at = time.monotonic()
 					return
-				size = packet_size(item)
-				if self.queued_bytes + size > hard_bytes or self.qsize() >= hard_packets:
-					self.overflow()
-					return
-				self.queued_bytes += size
-				if self.over_since is None and (self.queued_bytes > max_bytes or self.qsize() >= max_packets):
-					self.over_since = time.monotonic()
 			super().put(item, block, timeout)
 
 		def get(self, block: bool = True, timeout: float | None = None) -> Any:
-			# Engine.IO's websocket writer gives up after a ping interval and a ping timeout
-			# with no packet through its queue; with direct writes that is every idle moment.
-			# A peer that went silent is closed by the ping check and the reader's socket
-			# timeout instead, both of which wake the writer with the end mark.
-			item = super().get(block, None if self.websocket is not None else timeout)
+			if self.websocket is not None:
+				# One packet per poll: the writer sends it before it comes back, so what it
+				# has not sent stays here, counted, and each get says the socket took the last.
+				if not block:
+					raise queue_empty
+				# Engine.IO's websocket writer gives up after a ping interval and a ping
+				# timeout with no packet through its queue; with direct writes that is every
+				# idle moment. A peer that went silent is closed by the ping check and the
+				# reader's socket timeout instead, both of which wake the writer with the end mark.
+				timeout = None
+			return super().get(block, timeout)
+
+		def _put(self, item: Any) -> None:
 			if item is not None:
-				self.queued_bytes -= packet_size(item)
-				if self.over_since is not None and self.queued_bytes <= max_bytes and self.qsize() < max_packets:
-					self.over_since = None
+				if not self.unsent_packets:
+					self.waiting_since = time.monotonic()
+					unsent.queues.add(self)
+				self.unsent_packets += 1
+				self.unsent_bytes += packet_size(item)
+				unsent.hold(item)
+			super()._put(item)
+
+		def _get(self) -> Any:
+			item = super()._get()
+			websocket = self.websocket
+			# While a direct write is still being finished the writer may take a packet, and
+			# then waits for the send lock: the socket has not taken the frame before it.
+			if websocket is None or not websocket._sendlock.locked():
+				self.progress_at = time.monotonic()
+			if item is not None:
+				self._let_go(item)
 			return item
+
+		def _let_go(self, item: Any) -> None:
+			self.unsent_packets -= 1
+			self.unsent_bytes -= packet_size(item)
+			if not self.unsent_packets:
+				unsent.queues.discard(self)
+			unsent.release(item)
+
+		def look_at_peer(self) -> None:
+			"""Count as progress the bytes the websocket's peer acknowledged since the last
+			look: its writer may be waiting for room in a socket that the client drains."""
+			acked = bytes_acked(self.websocket.socket) if self.websocket is not None else None
+			if acked is not None and acked != self.peer_acked:
+				if self.peer_acked is not None:
+					self.progress_at = time.monotonic()
+				self.peer_acked = acked
+
+		def idle_since(self) -> float:
+			"""Since when packets have waited here with no progress."""
+			return max(self.progress_at, self.waiting_since)
+
+		def stalled_for(self, now: float) -> float:
+			"""How long packets have waited with no progress; 0 when none wait."""
+			return now - self.idle_since() if self.unsent_packets else 0.0
+
+		def discard(self) -> None:
+			"""Drop every waiting packet and take no more: nothing would send them. The end
+			mark stays, so the writer or a poll still sees the end of the stream."""
+			self.discarded = True
+			marks = 0
+			while self.queue:
+				item = self.queue.popleft()
+				if item is None:
+					marks += 1
+					continue
+				self._let_go(item)
+				self.task_done()
+			self.queue.extend([None] * marks)
 
 		def write_now(self, item: Any) -> bool:
 			"""Write ``item`` without the writer, when that keeps the order; ``False`` when
@@ -112,12 +217,6 @@ def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on
 			else:
 				eventlet.spawn(finish_frame, websocket, memoryview(frame)[sent:])
 			return True
-
-		def overflow(self) -> None:
-			"""Take no more packets and have the server cut this client."""
-			if not self.overflowed:
-				self.overflowed = True
-				on_overflow(self)
 
 	class TrackedWebSocket(websocket_class):
 		"""Remembers the client's TCP socket on its Engine.IO socket, and the websocket on its
@@ -142,7 +241,7 @@ def engineio_overrides(async_drivers: dict, max_bytes: int, max_packets: int, on
 				self.owner.transport_socket = environ["eventlet.input"].get_socket()
 			return super().__call__(environ, start_response)
 
-	return {**async_drivers, "queue": BoundedQueue, "websocket": TrackedWebSocket}
+	return {**async_drivers, "queue": ClientQueue, "websocket": TrackedWebSocket}
 
 
 def websocket_frame(websocket: Any, packet: Any) -> bytes:

@@ -1,0 +1,192 @@
+"""The accounting behind back-pressure, without a running server: a broadcast's packet
+counts once however many client queues hold it, the total returns to 0 once writers take the
+packets or the queues are dropped, and the stall clock runs only while packets wait and
+nothing moves."""
+
+from __future__ import annotations
+
+import socket
+import time
+import types
+import warnings
+
+import pytest
+from engineio import packet
+from harness import wait_for
+
+from excel_restaurant_pos.realtime import transport
+from excel_restaurant_pos.realtime.config import load_config
+from excel_restaurant_pos.realtime.server import RealtimeServer
+from excel_restaurant_pos.realtime.transport import packet_size
+
+with warnings.catch_warnings():
+	warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # as the server's entry point does
+	from engineio.async_drivers import eventlet as eventlet_driver
+	from eventlet.semaphore import Semaphore
+
+
+def client_queues(count: int, budget: int = 1 << 20, on_over_budget=lambda: None) -> tuple[transport.UnsentData, list]:
+	"""``count`` queues of the class Engine.IO builds for each client, sharing one total."""
+	unsent = transport.UnsentData(budget, on_over_budget)
+	client_queue = transport.engineio_overrides(eventlet_driver._async, unsent)["queue"]
+	return unsent, [client_queue() for _ in range(count)]
+
+
+def message(text: str) -> packet.Packet:
+	return packet.Packet(packet.MESSAGE, text)
+
+
+def take_all(queue) -> None:
+	while queue.qsize():
+		queue.get()
+		queue.task_done()
+
+
+def test_a_broadcast_packet_counts_once_however_many_queues_hold_it():
+	unsent, queues = client_queues(3)
+	broadcast = [message("x" * 1000) for _ in range(5)]
+	own = message("y" * 500)
+	for queue in queues:
+		for item in broadcast:
+			queue.put(item)
+	queues[0].put(own)
+
+	assert unsent.total == 5 * packet_size(broadcast[0]) + packet_size(own)
+	assert queues[0].unsent_bytes == 5 * packet_size(broadcast[0]) + packet_size(own)  # one client's own view
+	assert unsent.queues == set(queues)
+
+	take_all(queues[0])
+	take_all(queues[1])
+	assert unsent.total == 5 * packet_size(broadcast[0])  # the third queue still holds them
+	assert unsent.queues == {queues[2]}
+
+	take_all(queues[2])
+	assert unsent.total == 0
+	assert unsent.queues == set()
+
+
+def test_dropped_queues_let_their_packets_go_and_keep_the_end_mark():
+	unsent, queues = client_queues(3)
+	broadcast = [message("x" * 1000) for _ in range(4)]
+	for queue in queues:
+		for item in broadcast:
+			queue.put(item)
+	queues[0].put(None)  # Engine.IO's end of stream, put when a socket closes
+
+	queues[0].discard()
+	queues[1].discard()
+	assert unsent.total == 4 * packet_size(broadcast[0])
+
+	queues[2].discard()
+	assert unsent.total == 0
+	assert unsent.queues == set()
+	assert list(queues[0].queue) == [None]
+	assert queues[1].qsize() == 0
+	queues[1].join()  # every dropped packet is done: a close that waits for the queue returns
+
+	queues[1].put(message("late"))  # a cut client takes nothing more
+	assert unsent.total == 0 and queues[1].qsize() == 0
+
+
+def test_passing_the_budget_is_reported_from_the_put():
+	reports = []
+	unsent, queues = client_queues(2, budget=2500, on_over_budget=lambda: reports.append(unsent.total))
+	first, second = message("x" * 1000), message("x" * 1000)
+	for queue in queues:
+		queue.put(first)
+		queue.put(second)
+	assert reports == []  # four queued packets, two distinct: 2016 bytes
+
+	queues[0].put(message("z" * 1000))
+	assert reports == [3024]
+
+
+def test_the_stall_clock_runs_only_while_packets_wait():
+	unsent, [queue] = client_queues(1)
+	assert queue.stalled_for(queue.progress_at + 60) == 0  # idle for a minute: nothing waits
+
+	queue.put(message("a"))
+	queue.put(message("b"))
+	waiting_since = queue.idle_since()
+	assert queue.stalled_for(waiting_since + 5) == pytest.approx(5)
+
+	queue.get()
+	assert queue.idle_since() > waiting_since  # a packet taken is progress
+	take_all(queue)
+	assert queue.stalled_for(queue.idle_since() + 60) == 0
+
+
+def test_a_websocket_writer_takes_one_packet_per_poll():
+	"""Engine.IO's writer takes what it can before it sends; taking one at a time keeps the
+	rest counted here until the socket took the packet before."""
+	unsent, [queue] = client_queues(1)
+	queue.websocket = types.SimpleNamespace(_sendlock=Semaphore())
+	queue.put(message("a"))
+	queue.put(message("b"))
+
+	assert queue.get().data == "a"
+	with pytest.raises(eventlet_driver._async["queue_empty"]):
+		queue.get(block=False)
+	assert queue.unsent_packets == 1
+
+
+def test_a_packet_taken_while_a_frame_is_still_being_finished_is_not_progress():
+	"""After a direct write the socket took only part of, the idle writer may take the next
+	packet at once and then wait for the send lock: that says nothing about the socket."""
+	unsent, [queue] = client_queues(1)
+	queue.websocket = types.SimpleNamespace(_sendlock=Semaphore())
+	queue.put(message("a"))
+	queue.put(message("b"))
+	before = queue.progress_at
+
+	queue.websocket._sendlock.acquire()  # the rest of a frame is still being sent
+	queue.get()
+	assert queue.progress_at == before
+
+	queue.websocket._sendlock.release()
+	queue.get()
+	assert queue.progress_at > before
+
+
+def test_bytes_the_peer_acknowledged_are_progress():
+	"""A writer waiting for room in a full socket takes nothing while the client drains it:
+	what the client's TCP stack acknowledged since the last look counts as progress."""
+	unsent, [queue] = client_queues(1)
+	with socket.create_server(("127.0.0.1", 0)) as listener:
+		peer = socket.create_connection(listener.getsockname())
+		server_side, _ = listener.accept()
+	with peer, server_side:
+		queue.websocket = types.SimpleNamespace(socket=server_side)
+		queue.put(message("waiting"))
+		queue.look_at_peer()  # the first look only learns where the count stands
+		before = queue.progress_at
+
+		queue.look_at_peer()
+		assert queue.progress_at == before  # nothing acknowledged since
+
+		acked = transport.bytes_acked(server_side)
+		server_side.sendall(b"x" * 10_000)
+		assert len(peer.recv(20_000)) > 0
+		wait_for(lambda: transport.bytes_acked(server_side) > acked, message="the peer's acknowledgement")
+		queue.look_at_peer()
+		assert queue.progress_at > before
+
+
+def test_time_the_process_was_blocked_does_not_count_against_a_client(tmp_path):
+	"""A sweep that finds packets waiting ten seconds, right after the process itself could
+	not run for a while, gives the client its full grace again before it cuts."""
+	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32}, cwd=tmp_path))
+	queue = server.sio.eio._async["queue"]()
+	closes = []
+	server.sio.eio.sockets["eio1"] = types.SimpleNamespace(sid="eio1", queue=queue, closed=False, close=lambda **how: closes.append(how))
+	queue.put(message("waiting"))
+	queue.progress_at = queue.waiting_since = time.monotonic() - 10
+
+	server.loop_blocked_until = time.monotonic()
+	server.sweep_slow_clients()
+	assert closes == [] and queue.unsent_packets == 1
+
+	server.loop_blocked_until = time.monotonic() - server.config.slow_client_seconds
+	server.sweep_slow_clients()
+	assert closes == [{"wait": False, "abort": True}]
+	assert server.unsent.total == 0
