@@ -190,3 +190,15 @@ def test_time_the_process_was_blocked_does_not_count_against_a_client(tmp_path):
 	server.sweep_slow_clients()
 	assert closes == [{"wait": False, "abort": True}]
 	assert server.unsent.total == 0
+
+
+def test_direct_writes_need_eventlets_private_parts_and_do_without_them():
+	"""A websocket without them (another eventlet release) is left to Engine.IO's writer."""
+	import eventlet.websocket
+
+	websocket = eventlet.websocket.RFC6455WebSocket.__new__(eventlet.websocket.RFC6455WebSocket)
+	websocket._sendlock, websocket.extensions = object(), {}
+	websocket.socket = type("Green", (), {"fd": object()})()
+	assert transport.direct_writes_possible(websocket)
+	del websocket._sendlock
+	assert not transport.direct_writes_possible(websocket)

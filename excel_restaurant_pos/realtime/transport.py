@@ -226,7 +226,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			owner = getattr(handler, "__self__", None)
 
 			def run(websocket: Any) -> Any:
-				if isinstance(websocket, RFC6455WebSocket):
+				if isinstance(websocket, RFC6455WebSocket) and direct_writes_possible(websocket):
 					owner.queue.owner, owner.queue.websocket = owner, websocket
 				try:
 					return handler(websocket)
@@ -242,6 +242,13 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			return super().__call__(environ, start_response)
 
 	return {**async_drivers, "queue": ClientQueue, "websocket": TrackedWebSocket}
+
+
+def direct_writes_possible(websocket: Any) -> bool:
+	"""Whether eventlet's websocket has the private parts direct writes use (its send lock,
+	frame packer and raw socket). Without them, as in an eventlet release that changed them,
+	Engine.IO's writer sends every packet, as it does without this module."""
+	return all(hasattr(websocket, name) for name in ("_sendlock", "_pack_message", "extensions")) and hasattr(getattr(websocket, "socket", None), "fd")
 
 
 def websocket_frame(websocket: Any, packet: Any) -> bytes:
