@@ -116,6 +116,8 @@ class Session:
 	replay_from: str | None = None
 	replay: list[Delivery] = dataclasses.field(default_factory=list)
 	replayed_to: str | None = None
+	#: Its socket is going: stored already, nothing more to store or send.
+	closing: bool = False
 
 	def to_json(self) -> str:
 		return json.dumps({
@@ -172,7 +174,8 @@ class Recovery:
 		return session
 
 	def drop(self, sid: str) -> None:
-		"""Forget a socket whose connect was refused or whose client left before it ended."""
+		"""Forget a socket: its connect was refused, it moved to another process, or its
+		disconnect is over (after :meth:`close`)."""
 		session = self.live.pop(sid, None)
 		if session is not None and self._pids.get(session.pid) == sid:
 			del self._pids[session.pid]
@@ -317,7 +320,7 @@ class Recovery:
 	def save(self, session: Session) -> None:
 		"""Write a live session's record now (at connect and when its rooms change), unless
 		another process has taken it meanwhile."""
-		if session.sids[-1:] and self.live.get(session.sids[-1]) is not session:
+		if session.closing or (session.sids[-1:] and self.live.get(session.sids[-1]) is not session):
 			return
 		try:
 			pipe = self.redis.pipeline(transaction=True)
@@ -332,15 +335,16 @@ class Recovery:
 	def close(self, sid: str) -> None:
 		"""The socket is gone: keep its session for ``recovery_window`` seconds.
 
-		Its Engine.IO socket still takes packets until this returns, and storing the session
-		waits on Redis: events delivered meanwhile are held back (and dropped with the
-		socket), as they lie past the position stored and will be replayed."""
+		Its Engine.IO socket still takes packets until the disconnect handler returns, and
+		storing the session waits on Redis: from here on its events are held back (and
+		dropped with it by :meth:`drop`, which the handler calls last), as they lie past the
+		position stored and will be replayed."""
 		session = self.live.get(sid)
 		if session is None:
 			return
+		session.closing = True
 		if session.held is not None:
 			if session.replay_from is None:
-				self.drop(sid)
 				return  # a new session whose client never heard of it
 			session.position = session.replay_from  # a restore that did not finish: as it was
 		else:
@@ -355,9 +359,7 @@ class Recovery:
 			pipe.execute()
 		except Exception as exc:
 			logger.warning("could not keep session of site=%s user=%s for recovery: %s", session.site, session.user, exc)
-		finally:
-			self.drop(sid)
-			self._written.pop(session.pid, None)
+		self._written.pop(session.pid, None)
 
 	def snapshot(self) -> None:
 		"""Write what was sent to each session since the last snapshot, with the positions,

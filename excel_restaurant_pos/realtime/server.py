@@ -193,6 +193,7 @@ class RealtimeServer:
 			client.leave(room)
 			events.announce_viewers(client, *rooms.document_of(room))
 		logger.info("disconnected site=%s user=%s sid=%s reason=%s", client.site, client.user, sid, reason)
+		self.recovery.drop(sid)  # last: until the handler returns, its socket still takes packets
 
 	def _take_connection(self, sid: str, key: tuple[str, str]) -> bool:
 		"""Whether the user may have one more connection, counted across every process on
