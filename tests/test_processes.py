@@ -6,6 +6,7 @@ process dies recovers on another."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 
@@ -240,6 +241,11 @@ def test_a_rolling_restart_behind_nginx_loses_nothing(tmp_path, realtime, js, pu
 				story = [item for item in js.events if item.get("id") == client and item["type"] in ("connect", "disconnect", "connect_error")]
 				raise AssertionError(f"{client} got no 'end' after {len(js.received(client, 'seq'))} of {len(sent)} events; {story}") from None
 		for client in clients:
+			if numbers(js, client, "seq") != sent and os.environ.get("DUMP"):
+				with open(os.environ["DUMP"], "w") as out:
+					for item in js.events:
+						if item.get("id") == client:
+							out.write(json.dumps(item) + "\n")
 			assert numbers(js, client, "seq") == sent, client
 		reconnects = [item for item in js.events if item["type"] == "connect" and not item.get("recovered")]
 		assert len(reconnects) == 200, "every reconnect recovered its session"
