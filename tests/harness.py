@@ -268,9 +268,11 @@ class Nginx:
 		"""The README's nginx block that has the ``upstream``, with this test's ports."""
 		text = (REPO / "README.md").read_text()
 		block = next(part.split("```", 1)[0] for part in text.split("```nginx\n")[1:] if "upstream " in part.split("```", 1)[0])
-		lines = [line for line in block.splitlines() if not line.strip().startswith("server 127.0.0.1:")]
+		servers = [line for line in block.splitlines() if line.strip().startswith("server 127.0.0.1:")]
+		options = servers[0].strip().removesuffix(";").split(" ", 2)[2:]  # what follows the address
+		lines = [line for line in block.splitlines() if line not in servers]
 		at = next(index for index, line in enumerate(lines) if line.strip() == "ip_hash;") + 1
-		lines[at:at] = [f"\tserver 127.0.0.1:{port};" for port in self.upstream_ports]
+		lines[at:at] = [" ".join([f"\tserver 127.0.0.1:{port}", *options]) + ";" for port in self.upstream_ports]
 		return "\n".join(lines).replace("# … the site's own server block …", f"listen 127.0.0.1:{self.port};")
 
 	def start(self) -> None:
