@@ -65,7 +65,7 @@ class IndexedManager(socketio.Manager):
 		argument, no acknowledgement and no one skipped."""
 		if callback is not None or skip_sid is not None or isinstance(data, tuple) or namespace not in self.rooms:
 			return super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs)
-		self.deliver(namespace, Delivery("", "", to or room, event, data))
+		self.deliver(namespace, Delivery("", "", to or room, event, data))  # not logged: no site, scope or offset
 
 	def deliver(self, namespace: str, delivery: Delivery) -> None:
 		"""Emit ``delivery`` to its room (or everyone) in ``namespace``.

@@ -23,7 +23,8 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import socketio
@@ -52,7 +53,8 @@ class SocketServer(socketio.Server):
 	release that renamed it), the reply simply has no ``pid``: clients then start a new
 	session at every reconnect, and nothing else changes."""
 
-	sessions: dict[str, Any] = {}
+	#: The recovering sockets' sessions by sid; the server sets its own (empty and read-only until then).
+	sessions: Mapping[str, Any] = types.MappingProxyType({})
 
 	def _send_packet(self, eio_sid: str, pkt: Any) -> None:
 		if pkt.packet_type == packet.CONNECT and isinstance(pkt.data, dict):
