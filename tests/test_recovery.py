@@ -283,8 +283,8 @@ def test_exactly_once_and_in_order_through_random_drops(proxied, js, publish, tr
 	def publish_all() -> None:
 		for n in range(total):
 			publish.publish_to_room("stream", "seq", {"n": n})
-			if n % 20 == 19:
-				time.sleep(0.01)  # a steady stream rather than one burst
+			if n % 10 == 9:
+				time.sleep(0.01)  # a steady stream rather than one burst, long enough for many drops
 
 	def disconnects() -> int:
 		with js._lock:

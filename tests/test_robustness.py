@@ -87,7 +87,7 @@ def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js
 	for client in fast:
 		js.wait_event(client, "fence")
 
-	wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1, 10, message="the slow client to be cut off")
+	wait_for(lambda: server.metric("excel_pos_realtime_slow_client_disconnects_total") == 1, 30, message="the slow client to be cut off")
 	wait_for(lambda: server.health()[1]["clients"] == 200, 10, message="the slow client to be gone")
 	latencies = sorted(probe_latencies(js, fast, probes))
 	assert latencies[-1] < 1000, f"max probe latency {latencies[-1]:.0f} ms"
