@@ -19,10 +19,13 @@ APP_NS = "/excel_restaurant_pos/default"
 def test_redis_outage_is_survived(realtime, js, own_redis, publish, monkeypatch):
 	server = realtime(redis_queue=own_redis.url)
 	js.connect("c", server.url + APP_NS, token=token())
-	assert server.health() == (200, {"status": "ok", "redis": "up", "clients": 1})
+	code, body = server.health()
+	assert (code, body["status"], body["redis"], body["clients"], body["errors"]) == (200, "ok", "up", 1, [])
 	own_redis.stop()
 	wait_for(lambda: server.health()[0] == 503, 10, message="/health to turn 503")
-	assert server.health()[1]["redis"] == "down"
+	body = server.health()[1]
+	assert body["redis"] == "down"
+	assert [error["message"] for error in body["errors"]] == [f"redis {own_redis.url} unavailable (Connection closed by server.); retrying with backoff"]
 	own_redis.start()
 	wait_for(lambda: server.health()[0] == 200, 15, message="/health back to 200")
 	monkeypatch.setenv("FRAPPE_REDIS_QUEUE", own_redis.url)
@@ -171,7 +174,13 @@ def test_listens_on_a_unix_socket(tmp_path, redis_url):
 
 	try:
 		wait_for(lambda: (health() or (None,))[0] == 200, 15, message="a healthy server on the unix socket")
-		assert health() == (200, {"status": "ok", "redis": "up", "clients": 0})
+		code, body = health()
+		assert (code, body["status"], body["redis"], body["clients"]) == (200, "ok", "up", 0)
+		status = subprocess.run(
+			[sys.executable, "-m", "excel_restaurant_pos.realtime", "status"],
+			capture_output=True, text=True, timeout=30, env={**env, "FRAPPE_REDIS_QUEUE": redis_url},
+		)
+		assert status.stdout.startswith(f"unix:{path}: ok, redis up, 0 clients, process {body['process']}"), status.stdout + status.stderr
 		connection = UnixConnection("localhost", timeout=2)
 		connection.request("GET", "/socket.io/?EIO=4&transport=polling")
 		assert connection.getresponse().read().startswith(b"0{")  # an Engine.IO handshake

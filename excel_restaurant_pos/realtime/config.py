@@ -247,6 +247,15 @@ class Config:
 	def jwt_secret(self, site: str) -> str | None:
 		return self.site_secrets.get(site)
 
+	@property
+	def local_url(self) -> str:
+		"""Where a client on this machine reaches the server: ``http://host:port``, with a
+		wildcard address as loopback, or ``unix:<path>`` for a unix socket."""
+		if self.uds:
+			return f"unix:{self.uds}"
+		host = "127.0.0.1" if self.host in ("", "0.0.0.0") else "::1" if self.host == "::" else self.host
+		return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
 	def describe(self) -> str:
 		"""One line for the start-up log: nothing secret in it."""
 		where = f"unix:{self.uds}" if self.uds else f"{self.host}:{self.port}"

@@ -1,10 +1,15 @@
-"""Prometheus metrics of the realtime server, served at ``GET /metrics``.
+"""What the realtime server tells operators about itself: Prometheus metrics, served at
+``GET /metrics``, and its recent errors, listed by ``GET /health``.
 
 Defined once here so every module counts into the same series. The default registry also
 carries the process collector (resident memory, CPU seconds, open files).
 """
 
 from __future__ import annotations
+
+import collections
+import logging
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
@@ -29,3 +34,23 @@ AUTH_SECONDS = Histogram(
 def render() -> tuple[bytes, str]:
 	"""The metrics page body and its content type."""
 	return generate_latest(), CONTENT_TYPE_LATEST
+
+
+class RecentErrors(logging.Handler):
+	"""The last warnings and errors the server logged, for ``/health`` and ``excel-pos
+	status``: an operator asking why a server is unhealthy sees why without its log file."""
+
+	def __init__(self, size: int = 10):
+		super().__init__(logging.WARNING)
+		self.records: collections.deque[dict[str, object]] = collections.deque(maxlen=size)
+
+	def emit(self, record: logging.LogRecord) -> None:
+		try:
+			message = record.getMessage()
+		except Exception:  # a bad format string must not take the server down
+			message = str(record.msg)
+		when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+		self.records.append({"time": when, "level": record.levelname, "logger": record.name, "message": message})
+
+	def recent(self) -> list[dict[str, object]]:
+		return list(self.records)

@@ -3,7 +3,8 @@ how many connections each user has, and who has which document open.
 
 Each process keeps a key ``excel_restaurant_pos:alive:<process>`` that expires
 :data:`ALIVE_TTL_S` seconds after it stops renewing it, so the connections and viewers of a
-process that died without a word stop counting within that time. A user's connections are
+process that died without a word stop counting within that time. Its value says where the
+process answers, so ``excel-pos status`` finds every running server. A user's connections are
 counted per process in one hash per site and user, checked and taken in one Lua call so two
 processes cannot both let the twenty-first in. A document's viewers are a sorted set of
 ``<process>|<sid>|<user>`` by the time they opened it, as Frappe lists them.
@@ -14,6 +15,7 @@ to what this process alone knows (see the callers), rather than refusing everyon
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -67,10 +69,12 @@ return live
 class Presence:
 	"""This process's view of what all the processes on its Redis share."""
 
-	def __init__(self, redis_client: Any, process: str):
+	def __init__(self, redis_client: Any, process: str, whereabouts: dict[str, Any] | None = None):
 		self.redis = redis_client
 		self.process = process
 		self.alive_key = ALIVE_PREFIX + process
+		#: Where this process answers (its URL, host and pid), kept in its alive key.
+		self.whereabouts = json.dumps({"process": process, **(whereabouts or {})})
 		self._take = redis_client.register_script(_TAKE)
 		self._give_back = redis_client.register_script(_GIVE_BACK)
 		self._viewers = redis_client.register_script(_VIEWERS)
@@ -79,7 +83,7 @@ class Presence:
 		"""Renew this process's key: called every second by the server's sweep. A failure
 		is not reported here: the bridge reports a Redis outage, once."""
 		try:
-			self.redis.set(self.alive_key, int(time.time()), ex=ALIVE_TTL_S)
+			self.redis.set(self.alive_key, self.whereabouts, ex=ALIVE_TTL_S)
 		except Exception:
 			pass
 
@@ -112,6 +116,22 @@ class Presence:
 		for member in self._viewers(keys=[_viewers_key(site, room)], args=[ALIVE_PREFIX]):
 			users[(member.decode() if isinstance(member, bytes) else member).split("|", 2)[2]] = None
 		return list(users)
+
+
+def running_servers(redis_client: Any) -> list[dict[str, Any]]:
+	"""Every live process on this Redis and where it answers, as each one last said."""
+	keys = sorted(redis_client.scan_iter(match=ALIVE_PREFIX + "*", count=500))
+	found = []
+	for key, value in zip(keys, redis_client.mget(keys) if keys else []):
+		try:
+			record = json.loads(value)
+		except (TypeError, ValueError):
+			record = None
+		if not isinstance(record, dict):  # a process that does not say where it is
+			name = key.decode() if isinstance(key, bytes) else key
+			record = {"process": name[len(ALIVE_PREFIX) :]}
+		found.append(record)
+	return found
 
 
 def _connections_key(site: str, user: str) -> str:

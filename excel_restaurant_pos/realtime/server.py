@@ -99,7 +99,9 @@ class RealtimeServer:
 		self.process = secrets.token_hex(4)
 		self.bridge = Bridge(config, self.redis, self.process, self.deliver)
 		self.recovery = Recovery(config, self.process, self.redis, self.bridge.positions, self.abort)
-		self.presence = Presence(self.redis, self.process)
+		self.presence = Presence(self.redis, self.process, {"url": config.local_url, "host": socket.gethostname(), "pid": os.getpid()})
+		#: The last warnings and errors, listed by ``/health``.
+		self.errors = metrics.RecentErrors()
 		#: Sockets whose connection is counted in Redis (see ``_take_connection``).
 		self.counted: set[str] = set()
 		self.sio.sessions = self.sio.manager.sessions = self.recovery.live
@@ -396,7 +398,13 @@ class RealtimeServer:
 	def health(self) -> tuple[int, dict[str, Any]]:
 		redis_ok = self.bridge.connected
 		status = "ok" if redis_ok and not self.draining else ("draining" if self.draining else "degraded")
-		body = {"status": status, "redis": "up" if redis_ok else "down", "clients": len(self.clients)}
+		body = {
+			"status": status,
+			"redis": "up" if redis_ok else "down",
+			"clients": len(self.clients),
+			"process": self.process,
+			"errors": self.errors.recent(),
+		}
 		return (200 if status == "ok" else 503), body
 
 	def wsgi(self, environ: dict, start_response: Any) -> Any:
@@ -416,6 +424,7 @@ class RealtimeServer:
 	# -- lifecycle ------------------------------------------------------------------------
 
 	def start_background(self) -> None:
+		logging.getLogger("excel_restaurant_pos").addHandler(self.errors)
 		metrics.QUEUE_BYTES.set_function(lambda: self.unsent.total)
 		self.presence.keep_alive()
 		self.bridge.start(self.sio.start_background_task)
