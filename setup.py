@@ -9,7 +9,7 @@ version = re.search(r'^__version__ = "([^"]+)"', (here / "excel_restaurant_pos" 
 #: Frappe installs these itself, at the versions it pins. bench installs apps with --upgrade
 #: (uv then takes the newest version a range allows), so inside a bench they are left to
 #: Frappe: any range of ours would move its pin. Everywhere else they are ours to install.
-FRAPPE_PROVIDES = {"redis", "requests", "pyjwt"}
+FRAPPE_PROVIDES = {"redis", "requests", "pyjwt", "click"}
 
 
 def in_a_bench() -> bool:

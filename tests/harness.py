@@ -46,6 +46,23 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 		time.sleep(interval)
 
 
+def make_bench(
+	root: Path,
+	common: dict[str, Any] | None = None,
+	sites: dict[str, dict[str, Any]] | None = None,
+	bench_config: dict[str, Any] | None = None,
+) -> Path:
+	"""A folder Frappe would call a bench: ``sites/common_site_config.json`` and site folders."""
+	(root / "sites").mkdir(parents=True, exist_ok=True)
+	(root / "sites" / "common_site_config.json").write_text(json.dumps(common or {}))
+	for site, site_config in (sites or {}).items():
+		(root / "sites" / site).mkdir()
+		(root / "sites" / site / "site_config.json").write_text(json.dumps(site_config))
+	if bench_config is not None:
+		(root / "config.json").write_text(json.dumps(bench_config))
+	return root
+
+
 class RedisServer:
 	"""``redis-server`` on a free loopback port, in memory only."""
 

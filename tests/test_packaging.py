@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness import REPO
 
-FRAPPE_PINNED = {"redis", "requests", "pyjwt"}
+FRAPPE_PINNED = {"redis", "requests", "pyjwt", "click"}
 
 
 def requested(project: Path) -> set[str]:
@@ -36,7 +36,7 @@ def copy_project(target: Path) -> Path:
 
 def test_standalone_install_requires_everything(tmp_path):
 	names = requested(copy_project(tmp_path))
-	assert names >= FRAPPE_PINNED | {"python-socketio", "eventlet", "prometheus_client"}
+	assert names >= FRAPPE_PINNED | {"python-socketio", "eventlet", "prometheus_client", "websocket-client"}
 
 
 def test_bench_install_leaves_frappes_pins_alone(tmp_path):

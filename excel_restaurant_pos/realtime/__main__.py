@@ -1,44 +1,38 @@
-"""``python -m excel_restaurant_pos.realtime``: start the realtime server.
+"""``python -m excel_restaurant_pos.realtime``: start the realtime server, or run one of the
+``excel-pos`` commands (``… token USER``, ``… listen``; see :mod:`excel_restaurant_pos.commands`).
 
-Eventlet's monkey-patching happens here and only here, before anything else is imported,
-so that importing the package elsewhere (Frappe, tests, scripts) changes nothing.
+Running the server is the default: any arguments that do not start with a command name are
+its flags. Eventlet's monkey-patching happens here, for the server only and before anything
+else is imported, so that importing the package elsewhere (Frappe, tests, scripts, the
+commands) changes nothing.
 """
 
-import warnings
-
-# Eventlet announces its maintenance mode on import; operators cannot act on that.
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
-
-import eventlet  # noqa: E402
-
-eventlet.monkey_patch()
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-from excel_restaurant_pos.realtime.config import SETTINGS, ConfigError, load_config  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-	parser = argparse.ArgumentParser(
-		prog="python -m excel_restaurant_pos.realtime",
-		description="Bearer-token Socket.IO server for Excel Restaurant POS.",
-	)
-	parser.add_argument("--bench", help="bench folder (default: FRAPPE_BENCH_PATH, else found above the working directory)")
-	parser.add_argument("--dev", action="store_true", help="development: a public secret if none is set, a local Redis if none answers, and a printed token")
-	for setting in SETTINGS:
-		if setting.field == "jwt_secret_key":
-			continue  # secrets stay out of the process list: config file or environment only
-		flag = "--" + setting.field.replace("_", "-")
-		source = f"config key {setting.key}" if setting.key else "config"
-		env = f", env {setting.env}" if setting.env else ""
-		parser.add_argument(flag, dest=setting.field, help=f"{setting.help} ({source}{env})")
-	return parser.parse_args(argv)
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+	argv = sys.argv[1:] if argv is None else argv
+	if argv and not argv[0].startswith("-"):
+		from excel_restaurant_pos.commands import run_standalone
+
+		return run_standalone(argv)
+	return run_server(argv)
+
+
+def run_server(argv: list[str]) -> int:
+	import warnings
+
+	# Eventlet announces its maintenance mode on import; operators cannot act on that.
+	warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+	import eventlet
+
+	eventlet.monkey_patch()
+
+	import logging
+	import os
+
+	from excel_restaurant_pos.realtime.config import ConfigError, load_config
+
 	args = vars(parse_args(argv))
 	bench, dev = args.pop("bench"), args.pop("dev")
 	env = dict(os.environ)
@@ -48,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 		env.setdefault("EXCEL_RESTAURANT_POS_JWT_SECRET", development.DEV_SECRET)
 	try:
 		config = load_config(args, bench=bench, env=env)
-		if dev:
+		if dev and args.get("host") is None and not env.get("EXCEL_RESTAURANT_POS_SOCKETIO_HOST"):
+			config = development.local_only(config)
 			development.ensure_redis(config.redis_queue)
 			print(development.banner(config), file=sys.stderr)
 	except ConfigError as exc:
@@ -66,6 +61,32 @@ def main(argv: list[str] | None = None) -> int:
 	except ConfigError as exc:
 		logging.getLogger("excel_restaurant_pos.realtime").error("%s", exc)
 		return 2
+
+
+def parse_args(argv: list[str]) -> "argparse.Namespace":  # noqa: F821 -- imported after the patch
+	import argparse
+
+	from excel_restaurant_pos.realtime.config import SETTINGS
+
+	parser = argparse.ArgumentParser(
+		prog="python -m excel_restaurant_pos.realtime",
+		description="Bearer-token Socket.IO server for Excel Restaurant POS.",
+		epilog="Commands: token, check, publish, listen, status (python -m excel_restaurant_pos.realtime COMMAND --help).",
+	)
+	parser.add_argument("--bench", help="bench folder (default: FRAPPE_BENCH_PATH, else found above the working directory)")
+	parser.add_argument(
+		"--dev",
+		action="store_true",
+		help="development: listen on 127.0.0.1 unless a host is given, a public secret if none is set, a local Redis if none answers, and a printed token",
+	)
+	for setting in SETTINGS:
+		if setting.field == "jwt_secret_key":
+			continue  # secrets stay out of the process list: config file or environment only
+		flag = "--" + setting.field.replace("_", "-")
+		source = f"config key {setting.key}" if setting.key else "config"
+		env = f", env {setting.env}" if setting.env else ""
+		parser.add_argument(flag, dest=setting.field, help=f"{setting.help} ({source}{env})")
+	return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,22 @@ def _redis_client(url: str) -> Any:
 	return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
 
 
+#: The configuration a program gave with :func:`configure`, else ``None`` (load it).
+_configured: Any = None
+
+
+def configure(config: Any) -> None:
+	"""Publish with this :class:`~excel_restaurant_pos.realtime.config.Config` instead of
+	loading one: for programs that have read theirs already (the ``excel-pos`` commands)."""
+	global _configured
+	_configured = config
+	_standalone_config.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _standalone_config() -> Any:
+	if _configured is not None:
+		return _configured
 	from excel_restaurant_pos.realtime.config import load_config
 
 	return load_config()
