@@ -334,6 +334,8 @@ class RealtimeServer:
 		"""Disconnect a client at the transport and drop what waits for it. ``reason`` is
 		``stalled`` or ``over budget``. A socket that is already closed (or gone) is not a
 		client any more: its leftovers are dropped without counting it."""
+		if queue.discarded:
+			return  # cut already: closing a socket runs its disconnect handler, which lets others run
 		stalled_for, unsent_bytes, unsent_packets = queue.stalled_for(time.monotonic()), queue.unsent_bytes, queue.unsent_packets
 		if eio_socket is None or eio_socket.closed:
 			queue.discard()
@@ -342,8 +344,8 @@ class RealtimeServer:
 			logger.debug("dropped %d bytes in %d packets left for a closed socket", unsent_bytes, unsent_packets)
 			return
 		client = self._client_of(eio_socket.sid)
-		eio_socket.close(wait=False, abort=True)
 		queue.discard()
+		eio_socket.close(wait=False, abort=True)
 		_shut_down(eio_socket)
 		metrics.SLOW_CLIENT_DISCONNECTS.inc()
 		logger.warning(
