@@ -202,3 +202,72 @@ def test_direct_writes_need_eventlets_private_parts_and_do_without_them():
 	assert transport.direct_writes_possible(websocket)
 	del websocket._sendlock
 	assert not transport.direct_writes_possible(websocket)
+
+
+class FakeEngineIO:
+	"""The part of an Engine.IO server the heartbeat uses: its interval, events and tasks."""
+
+	def __init__(self, ping_interval: float):
+		import threading
+
+		self.ping_interval = ping_interval
+		self.create_event = threading.Event
+		self.tasks: list = []
+
+	def start_background_task(self, target):
+		import threading
+
+		task = threading.Thread(target=target, daemon=True)
+		self.tasks.append(task)
+		task.start()
+		return task
+
+
+class FakeSocket:
+	def __init__(self, name: str):
+		self.name, self.sent, self.closing, self.closed = name, [], False, False
+		self.last_ping = time.time()  # Engine.IO's state right after the handshake
+
+	def _send_ping(self):  # Engine.IO's per-client pinger, which the heartbeat replaces
+		raise AssertionError("Engine.IO's own ping task ran")
+
+	def send(self, pkt):
+		self.sent.append((pkt.packet_type, time.monotonic()))
+
+
+def test_one_heartbeat_pings_every_client_once_per_interval_in_order():
+	eio = FakeEngineIO(ping_interval=0.2)
+	heartbeat = transport.Heartbeat(eio)
+	sockets = transport.WatchedSockets(heartbeat)
+	a, b, closed, foreign = FakeSocket("a"), FakeSocket("b"), FakeSocket("closed"), types.SimpleNamespace(schedule_ping=lambda: None)
+	started = time.monotonic()
+	for sid, eio_socket in (("a", a), ("b", b), ("closed", closed), ("foreign", foreign)):
+		sockets[sid] = eio_socket
+		eio_socket.schedule_ping()  # what Engine.IO does right after it stores a new socket
+	closed.closed = True
+	a.schedule_ping()  # a second schedule before the ping was answered changes nothing
+	wait_for(lambda: a.sent and b.sent, 5, message="the first pings")
+	assert [p for p, _ in a.sent] == [p for p, _ in b.sent] == [packet.PING]
+	assert min(at for _, at in a.sent + b.sent) - started >= 0.2
+	assert closed.sent == []
+	assert a.last_ping and b.last_ping  # waiting for the pong, as Engine.IO's check expects
+
+	a.schedule_ping()  # a's pong arrived; b's did not
+	wait_for(lambda: len(a.sent) == 2, 5, message="a's second ping")
+	assert len(b.sent) == 1
+	assert len(eio.tasks) == 1, "one green thread for every client"
+	heartbeat.stop()
+	eio.tasks[0].join(5)
+	assert not eio.tasks[0].is_alive()
+
+
+def test_responses_go_out_in_one_send_with_no_buffer_kept():
+	left, right = socket.socketpair()
+	writer = transport.SocketWriter(left)
+	writer.writelines([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n", b"ok"])
+	writer.flush()
+	assert right.recv(100) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+	assert writer.write(b"more") == 4 and right.recv(100) == b"more"
+	writer.close()
+	assert writer.closed
+	left.close(), right.close()

@@ -91,6 +91,8 @@ class RealtimeServer:
 		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
 		self.loop_blocked_until = 0.0
 		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent)
+		self.heartbeat = transport.Heartbeat(self.sio.eio)
+		self.sio.eio.sockets = transport.WatchedSockets(self.heartbeat, self.sio.eio.sockets)
 		self.sio_app = socketio.WSGIApp(self.sio)
 		self.clients: dict[str, events.Client] = {}
 		self.user_connections: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -440,6 +442,7 @@ class RealtimeServer:
 		"""Stop taking clients and hand every connected one back to its reconnect logic."""
 		self.draining = True
 		self.bridge.stop()
+		self.heartbeat.stop()
 		deadline = time.monotonic() + max(0.5, self.config.shutdown_grace - 2)
 		sockets = list(self.sio.eio.sockets.values())
 		logger.info("shutting down: closing %d client transports", len(sockets))
@@ -549,6 +552,7 @@ def serve(config: Config) -> int:
 		sock,
 		server.wsgi,
 		log_output=False,
+		protocol=transport.http_protocol(),
 		max_size=config.max_connections,
 		# Without these eventlet waits forever for a request: a connection that never sends
 		# one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a hostile

@@ -28,10 +28,17 @@ frame is written straight away instead, with the websocket's own send lock held;
 socket takes only part of is finished by a green thread that keeps the lock, so the writer
 (which takes the same lock) sends what follows only after it. For a broadcast the frame is
 built once and written to every client. A direct write is progress, as a packet taken is.
+
+What an idle connection costs: eventlet's HTTP protocol gives each connection a 16 KiB write
+buffer that an upgraded websocket keeps for its whole life, and Engine.IO sleeps a green
+thread per client between two pings (some 8 KiB of stack each). :func:`http_protocol`
+writes responses without that buffer, and :class:`Heartbeat` pings every client from one
+green thread.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import sys
@@ -271,3 +278,113 @@ def finish_frame(websocket: Any, rest: memoryview) -> None:
 	finally:
 		websocket._sendlock.release()
 
+
+
+class SocketWriter:
+	"""A connection's response writer with no buffer of its own: eventlet's HTTP protocol
+	hands it a whole response (or chunk) at a time with ``writelines``, sent here in one
+	``sendall``, so a buffer kept between responses saves nothing and costs 16 KiB for the
+	life of every websocket."""
+
+	closed = False
+
+	def __init__(self, sock: Any):
+		self.sock = sock
+
+	def write(self, data: bytes) -> int:
+		self.sock.sendall(data)
+		return len(data)
+
+	def writelines(self, lines: Any) -> None:
+		self.sock.sendall(b"".join(lines))
+
+	def flush(self) -> None:
+		pass
+
+	def close(self) -> None:
+		self.closed = True
+
+
+def http_protocol() -> type:
+	"""eventlet's HTTP protocol, writing with :class:`SocketWriter` (for the ``protocol``
+	argument of ``eventlet.wsgi.server``). A connection whose writer is not the buffered file
+	eventlet makes today (TLS, a future eventlet) keeps eventlet's own."""
+	import io
+
+	import eventlet.wsgi
+
+	class HttpProtocol(eventlet.wsgi.HttpProtocol):
+		def setup(self) -> None:
+			super().setup()
+			if isinstance(self.wfile, io.BufferedWriter) and hasattr(self.connection, "sendall"):
+				self.wfile.close()  # the raw socket stays open: the protocol closes it at the end
+				self.wfile = SocketWriter(self.connection)
+
+	return HttpProtocol
+
+
+class Heartbeat:
+	"""Engine.IO's pings for every client from one green thread.
+
+	Engine.IO schedules each client's next ping by sleeping a green thread of its own for a
+	ping interval. All clients share one interval, so their pings fall due in the order they
+	were scheduled: one queue in that order and one green thread that sleeps until the next
+	is due do the same work. What Engine.IO does when a ping is due and how it checks the
+	answers are unchanged: this only replaces its per-client ``schedule_ping``, on sockets
+	that have the attributes it uses; others keep Engine.IO's own.
+	"""
+
+	def __init__(self, eio_server: Any):
+		self.server = eio_server
+		self.due: collections.deque[tuple[float, Any]] = collections.deque()
+		self.wake = eio_server.create_event()
+		self.running = False
+
+	def watch(self, eio_socket: Any) -> None:
+		"""Take over the pings of a socket Engine.IO has just made."""
+		if hasattr(eio_socket, "last_ping") and hasattr(eio_socket, "_send_ping"):
+			eio_socket.schedule_ping = lambda: self.schedule(eio_socket)
+
+	def schedule(self, eio_socket: Any) -> None:
+		"""As Engine.IO's: a new ping only once the last one was answered."""
+		if eio_socket.last_ping:
+			eio_socket.last_ping = None
+			self.due.append((time.monotonic() + self.server.ping_interval, eio_socket))
+			if not self.running:
+				self.running = True
+				self.server.start_background_task(self._run)
+			self.wake.set()
+
+	def _run(self) -> None:
+		from engineio import packet
+
+		while self.running:
+			now = time.monotonic()
+			while self.due and self.due[0][0] <= now:
+				eio_socket = self.due.popleft()[1]
+				if not eio_socket.closing and not eio_socket.closed:
+					eio_socket.last_ping = time.time()
+					try:
+						eio_socket.send(packet.Packet(packet.PING))
+					except Exception:  # a socket closing under it; Engine.IO's check ends it
+						logger.debug("ping not sent", exc_info=True)
+			self.wake.clear()
+			self.wake.wait(self.due[0][0] - now if self.due else None)
+
+	def stop(self) -> None:
+		self.running = False
+		self.wake.set()
+
+
+class WatchedSockets(dict):
+	"""Engine.IO's sid → socket table, handing each new socket to the :class:`Heartbeat`
+	before Engine.IO schedules its first ping."""
+
+	def __init__(self, heartbeat: Heartbeat, *args: Any):
+		super().__init__(*args)
+		self.heartbeat = heartbeat
+
+	def __setitem__(self, sid: str, eio_socket: Any) -> None:
+		if sid not in self:
+			self.heartbeat.watch(eio_socket)
+		super().__setitem__(sid, eio_socket)
