@@ -306,14 +306,19 @@ class SocketWriter:
 
 
 def http_protocol() -> type:
-	"""eventlet's HTTP protocol, writing with :class:`SocketWriter` (for the ``protocol``
-	argument of ``eventlet.wsgi.server``). A connection whose writer is not the buffered file
+	"""eventlet's HTTP protocol, writing with :class:`SocketWriter` and reading through a
+	smaller buffer (for the ``protocol`` argument of ``eventlet.wsgi.server``). A connection whose writer is not the buffered file
 	eventlet makes today (TLS, a future eventlet) keeps eventlet's own."""
 	import io
 
 	import eventlet.wsgi
 
 	class HttpProtocol(eventlet.wsgi.HttpProtocol):
+		#: The read buffer, which an upgraded websocket also keeps for its life (eventlet's
+		#: request handling holds on to it): 2 KiB holds a typical request's headers; longer
+		#: ones take another read, not more memory on every connection.
+		rbufsize = 2048
+
 		def setup(self) -> None:
 			super().setup()
 			if isinstance(self.wfile, io.BufferedWriter) and hasattr(self.connection, "sendall"):
