@@ -4,6 +4,7 @@ Frappe's v14 and v15 message shapes, app events versus Frappe events, tenant iso
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import redis
@@ -221,3 +222,33 @@ def test_secret_is_not_shared_between_sites(realtime, js, tmp_path):
 	server = realtime(bench=str(bench))
 	assert js.connect("ok", server.url + "/site1.local", token=token())["type"] == "connect"
 	assert js.connect("no", server.url + "/site2.local", token=token())["message"] == "Unauthorized: invalid signature"
+
+
+def test_events_keep_their_order_across_the_upgrade_from_polling(realtime, js, publish):
+	"""The browser's default: long-polling first, then the upgrade to websocket, while events
+	keep coming; then a burst on the websocket alone."""
+	server = realtime()
+	sent, stop = [], threading.Event()
+
+	def publish_steadily() -> None:
+		while not stop.wait(0.002):
+			publish.publish_event("order:new", {"n": len(sent)})
+			sent.append(len(sent))
+
+	publisher = threading.Thread(target=publish_steadily)
+	publisher.start()
+	try:
+		js.send(cmd="connect", id="kds", url=server.url + "/excel_restaurant_pos/default", opts={"transports": ["polling", "websocket"], "auth": {"token": token()}, "reconnection": False})
+		js.wait(lambda item: item.get("id") == "kds" and item["type"] == "upgrade" and item["transport"] == "websocket", 10, "the upgrade")
+		js.wait(lambda item: item.get("id") == "kds" and item.get("event") == "order:new" and len(js.received("kds", "order:new")) > 20, 10, "events after the upgrade")
+	finally:
+		stop.set()
+		publisher.join(10)
+	for _ in range(500):  # a burst, faster than one socket write per event
+		publish.publish_event("order:new", {"n": len(sent), "pad": "x" * 2000})
+		sent.append(len(sent))
+	publish.publish_event("fence", {})
+	js.wait_event("kds", "fence", timeout=30)
+	received = [args[0]["n"] for args in js.received("kds", "order:new")]
+	assert received == list(range(received[0], len(sent)))
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []

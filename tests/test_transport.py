@@ -204,6 +204,19 @@ def test_direct_writes_need_eventlets_private_parts_and_do_without_them():
 	assert not transport.direct_writes_possible(websocket)
 
 
+def test_the_reader_only_handler_needs_engineios_socket_and_does_without_it():
+	"""An Engine.IO socket without what it uses (another release) keeps Engine.IO's own
+	handler, with its writer."""
+	import engineio
+
+	server = engineio.Server(async_mode="threading")
+	real = engineio.socket.Socket(server, "sid")
+	assert transport.reader_only_possible(real)
+	del real.upgrading
+	assert not transport.reader_only_possible(real)
+	assert not transport.reader_only_possible(types.SimpleNamespace(server=server))
+
+
 class FakeEngineIO:
 	"""The part of an Engine.IO server the heartbeat uses: its interval, events and tasks."""
 

@@ -34,6 +34,11 @@ buffer that an upgraded websocket keeps for its whole life, and Engine.IO sleeps
 thread per client between two pings (some 8 KiB of stack each). :func:`http_protocol`
 writes responses without that buffer, and :class:`Heartbeat` pings every client from one
 green thread.
+
+One green thread per websocket: Engine.IO runs a reader and a writer for each. With direct
+writes the writer only waits, so :func:`serve_websocket` runs Engine.IO's websocket
+handler with its reader alone, and a queue starts a green thread to drain itself only while
+packets wait (a socket that is not taking them, or an upgrade under way).
 """
 
 from __future__ import annotations
@@ -122,15 +127,59 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			#: The Engine.IO socket and websocket, once a websocket writer drains this queue.
 			self.owner: Any = None
 			self.websocket: Any = None
+			#: No writer waits on this queue (:func:`serve_websocket`): it drains itself.
+			self.self_draining = False
+			#: The green thread draining it, while packets wait.
+			self.drainer: Any = None
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
 			if item is not None:  # None is Engine.IO's end-of-stream mark: always let it through
 				if self.discarded:
 					return
-				if self.websocket is not None and not self.queue and self.getters and self.write_now(item):
+				if self.websocket is not None and not self.queue and self.writer_idle() and self.write_now(item):
 					self.progress_at = time.monotonic()
 					return
 			super().put(item, block, timeout)
+			if self.self_draining:
+				self.drain()
+
+		def writer_idle(self) -> bool:
+			"""Nothing is being sent from this queue, so a packet may go straight out."""
+			return self.drainer is None if self.self_draining else bool(self.getters)
+
+		def drain(self) -> None:
+			"""Start a green thread that sends what waits here, unless one runs or the
+			websocket is still being upgraded (Engine.IO holds sends until it is)."""
+			if self.drainer is None and self.owner.upgraded and not self.owner.upgrading:
+				self.drainer = eventlet.spawn(self._drain, self.websocket)
+
+		def _drain(self, websocket: Any) -> None:
+			"""Send packets in order until none waits; at the end mark, close the websocket
+			as Engine.IO's writer does. A failed send closes it too, and leaves the drainer in
+			place so nothing else is written to a broken socket."""
+			try:
+				while self.queue:
+					item = queue_class.get(self, False)
+					self.task_done()
+					if item is None:
+						websocket.close()
+						return
+					frame = websocket_frame(websocket, item)
+					with websocket._sendlock:
+						websocket.socket.sendall(frame)
+			except Exception as exc:
+				logger.debug("websocket write failed: %s", exc)  # the reader sees the closed socket
+				websocket.close()
+				return
+			self.drainer = None
+
+		def drained(self) -> None:
+			"""Wait for the drainer to finish (it ends at the end mark)."""
+			if self.drainer is not None:
+				try:
+					self.drainer.wait()
+				except Exception:
+					pass
 
 		def get(self, block: bool = True, timeout: float | None = None) -> Any:
 			if self.websocket is not None:
@@ -233,9 +282,12 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			owner = getattr(handler, "__self__", None)
 
 			def run(websocket: Any) -> Any:
-				if isinstance(websocket, RFC6455WebSocket) and direct_writes_possible(websocket):
+				direct = isinstance(websocket, RFC6455WebSocket) and direct_writes_possible(websocket)
+				if direct:
 					owner.queue.owner, owner.queue.websocket = owner, websocket
 				try:
+					if direct and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
+						return serve_websocket(owner, websocket)
 					return handler(websocket)
 				finally:  # the connection is over, or its upgrade failed and polling goes on
 					owner.queue.websocket = None
@@ -249,6 +301,78 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			return super().__call__(environ, start_response)
 
 	return {**async_drivers, "queue": ClientQueue, "websocket": TrackedWebSocket}
+
+
+def reader_only_possible(eio_socket: Any) -> bool:
+	"""Whether an Engine.IO socket has what :func:`serve_websocket` uses; without it (an
+	Engine.IO release that changed them) Engine.IO's own handler and writer run."""
+	names = ("connected", "upgraded", "upgrading", "closed", "receive", "close", "queue")
+	server = getattr(eio_socket, "server", None)
+	return all(hasattr(eio_socket, name) for name in names) and all(
+		hasattr(server, name) for name in ("max_http_buffer_size", "ping_interval", "ping_timeout", "reason", "logger")
+	)
+
+
+def serve_websocket(eio_socket: Any, websocket: Any) -> list:
+	"""Engine.IO's websocket handler with a reader and no writer: the probe and upgrade of
+	a polling session (or a websocket from the start), then every packet the client sends,
+	until the connection ends. What the server sends goes straight out from the emit, or
+	through the queue's own drainer while the socket is not taking it (see
+	``ClientQueue.drain``)."""
+	from engineio import exceptions, packet
+
+	server, queue = eio_socket.server, eio_socket.queue
+
+	def wait() -> Any:
+		data = websocket.wait()
+		if data and len(data) > server.max_http_buffer_size:
+			raise ValueError("packet is too large")
+		return data
+
+	websocket.socket.settimeout(server.ping_interval + server.ping_timeout)
+	if eio_socket.connected:  # an upgrade from long-polling
+		eio_socket.upgrading = True  # Engine.IO holds sends until the upgrade is done
+		probe = packet.Packet(encoded_packet=wait())
+		if probe.packet_type != packet.PING or probe.data != "probe":
+			server.logger.info("%s: Failed websocket upgrade, no PING packet", eio_socket.sid)
+			eio_socket.upgrading = False
+			return []
+		websocket.send(packet.Packet(packet.PONG, data="probe").encode())
+		queue.put(packet.Packet(packet.NOOP))  # ends the poll under way
+		if packet.Packet(encoded_packet=wait()).packet_type != packet.UPGRADE:
+			server.logger.info("%s: Failed websocket upgrade, expected UPGRADE packet", eio_socket.sid)
+			eio_socket.upgraded = eio_socket.upgrading = False
+			return []
+		eio_socket.upgraded, eio_socket.upgrading = True, False
+	else:
+		eio_socket.connected = eio_socket.upgraded = True
+	queue.self_draining = True
+	queue.drain()  # what waited for the upgrade to finish
+	try:
+		while True:
+			try:
+				data = wait()
+			except Exception as exc:
+				if not eio_socket.closed:
+					server.logger.info('%s: Unexpected error "%s", closing connection', eio_socket.sid, exc)
+				break
+			if data is None:  # closed by the client
+				break
+			try:
+				eio_socket.receive(packet.Packet(encoded_packet=data))
+			except exceptions.UnknownPacketError:
+				pass
+			except exceptions.SocketIsClosedError:
+				break
+			except Exception:
+				server.logger.exception("Unknown receive error")
+				break
+		queue.put(None)  # the drainer sends what waits, then closes the websocket
+		queue.drained()
+	finally:
+		queue.self_draining = False
+	eio_socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+	return []
 
 
 def direct_writes_possible(websocket: Any) -> bool:

@@ -23,6 +23,7 @@ function connect({ id, url, opts, version, brief }) {
 	socket.on("disconnect", (reason) => out({ id, type: "disconnect", reason }));
 	socket.io.on("reconnect", (attempt) => out({ id, type: "reconnect", attempt }));
 	socket.io.on("ping", () => out({ id, type: "ping" }));
+	socket.io.on("open", () => socket.io.engine.on("upgrade", (transport) => out({ id, type: "upgrade", transport: transport.name })));
 	socket.onAny((event, ...args) => out({ id, type: "event", event, args, at: Date.now() }, brief ? abridge : undefined));
 }
 
