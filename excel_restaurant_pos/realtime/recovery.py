@@ -55,6 +55,9 @@ HOLDER_TTL_S = 86400
 PROCESS_PREFIX = f"{APP_NAME}:process:"
 #: Socket ids a session remembers: room events a client sent are never replayed to it.
 KEPT_SIDS = 8
+#: How long a recovering handshake waits, right after start-up, for the log reader to find
+#: where the log stands (without it no session can begin or be restored).
+READY_WAIT_S = 3.0
 logger = logging.getLogger(__name__)
 
 #: KEYS: the session's key, its holder key, this process's hash. ARGV: pid, user, site,
@@ -160,8 +163,18 @@ class Recovery:
 		self._take = redis_client.register_script(_TAKE)
 
 	def wants(self, auth: Any, site: str) -> bool:
-		"""Whether a handshake asks for recovery and it can be given (the log was reached)."""
-		return self.window > 0 and isinstance(auth, dict) and auth.get("recover") is True and site in self.positions
+		"""Whether a handshake asks for recovery and it can be given (the log was reached).
+
+		Clients whose server was restarted reconnect the moment it listens, often before its
+		log reader has read where the log stands: such a handshake waits for that a moment
+		rather than start without a session (its client would then think it missed
+		everything, though nothing was lost)."""
+		if self.window <= 0 or not isinstance(auth, dict) or auth.get("recover") is not True:
+			return False
+		deadline = time.monotonic() + READY_WAIT_S
+		while site not in self.positions and time.monotonic() < deadline:
+			time.sleep(0.05)
+		return site in self.positions
 
 	# -- connect --------------------------------------------------------------------------
 
