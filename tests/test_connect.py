@@ -152,3 +152,32 @@ def test_python_socketio_client_connects_and_is_refused_with_the_same_text(realt
 		refused.connect(server.url, namespaces=[APP_NS], auth={"token": token(ttl=-5)}, wait_timeout=10)
 	wait_for(lambda: errors, message="connect_error")
 	assert errors[0] == {"message": "Unauthorized: token expired"}
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_a_second_connect_is_answered_with_the_existing_sid(realtime, recover):
+	"""Clients send CONNECT again after a transport blip (SPEC §16): the same socket answers,
+	with its pid when it recovers, and keeps working."""
+	import websocket
+
+	server = realtime()
+	ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10)
+	try:
+		assert ws.recv().startswith("0{")
+		auth = {"token": token(), **({"recover": True} if recover else {})}
+		replies = []
+		for _ in range(2):
+			ws.send(f"40{APP_NS}," + json.dumps(auth))
+			reply = ws.recv()
+			assert reply.startswith(f"40{APP_NS},"), reply
+			replies.append(json.loads(reply[len(f"40{APP_NS},") :]))
+		assert replies[0] == replies[1]
+		assert ("pid" in replies[0]) is recover
+		ws.send(f"42{APP_NS},1" + json.dumps(["room:join", "kitchen"]))
+		answer = ws.recv()
+		while not answer.startswith(f"43{APP_NS},1"):
+			answer = ws.recv()
+		assert json.loads(answer[len(f"43{APP_NS},1") :]) == [{"ok": True, "room": "kitchen"}]
+		assert server.health()[1]["clients"] == 1
+	finally:
+		ws.close()

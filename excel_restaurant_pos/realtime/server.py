@@ -49,9 +49,10 @@ REDIS_CONNECTIONS = 128
 
 class SocketServer(socketio.Server):
 	"""python-socketio's server with the recovery protocol's ``pid`` in the CONNECT reply
-	to a recovering socket. Without the private method this overrides (a python-socketio
-	release that renamed it), the reply simply has no ``pid``: clients then start a new
-	session at every reconnect, and nothing else changes."""
+	to a recovering socket, and the existing sid as the answer to a repeated CONNECT.
+	Without the private method the first overrides (a python-socketio release that renamed
+	it), the reply simply has no ``pid``: clients then start a new session at every
+	reconnect, and nothing else changes."""
 
 	#: The recovering sockets' sessions by sid; the server sets its own (empty and read-only until then).
 	sessions: Mapping[str, Any] = types.MappingProxyType({})
@@ -62,6 +63,18 @@ class SocketServer(socketio.Server):
 			if session is not None:
 				pkt.data = {**pkt.data, "pid": session.pid}
 		super()._send_packet(eio_sid, pkt)
+
+	def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
+		"""A second CONNECT for a namespace this Engine.IO session has joined already is
+		answered with that socket's sid, as Frappe's own server does: clients send it again
+		after a transport blip, and python-socketio would answer ``Unable to connect``. (A
+		python-socketio release without this private method gives that answer again.)"""
+		namespace = namespace or "/"
+		sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+		if sid is not None and self.manager.is_connected(sid, namespace):
+			self._send_packet(eio_sid, self.packet_class(packet.CONNECT, {"sid": sid}, namespace=namespace))
+			return
+		super()._handle_connect(eio_sid, namespace, data)
 #: A sweep this many seconds late means nothing else ran either: the process was blocked.
 LOOP_BLOCKED = 0.5
 
