@@ -183,8 +183,10 @@ def publish(ctx: click.Context, event: str, message: str, room: str | None, user
 def _ping_redis(url: str) -> None:
 	import redis
 
+	from excel_restaurant_pos.realtime.utils import _redis_client
+
 	try:
-		redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+		_redis_client(url).ping()
 	except redis.RedisError as exc:
 		raise Failure(f"Redis at {url} does not answer: {exc}", 1) from None
 
@@ -312,9 +314,10 @@ def status(urls: tuple[str, ...]) -> None:
 		import redis
 
 		from excel_restaurant_pos.realtime.presence import running_servers
+		from excel_restaurant_pos.realtime.utils import _redis_client
 
 		try:
-			targets = [_reachable(record) for record in running_servers(redis.Redis.from_url(config.redis_queue, socket_connect_timeout=2, socket_timeout=2))]
+			targets = [_reachable(record) for record in running_servers(_redis_client(config.redis_queue))]
 		except redis.RedisError as exc:
 			click.echo(f"redis {config.redis_queue}: down ({exc})")
 			problems += 1

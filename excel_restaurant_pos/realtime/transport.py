@@ -478,11 +478,13 @@ class Heartbeat:
 		"""As Engine.IO's: a new ping only once the last one was answered."""
 		if eio_socket.last_ping:
 			eio_socket.last_ping = None
+			was_empty = not self.due
 			self.due.append((time.monotonic() + self.server.ping_interval, eio_socket))
 			if not self.running:
 				self.running = True
 				self.server.start_background_task(self._run)
-			self.wake.set()
+			elif was_empty:  # otherwise the loop already sleeps until an earlier ping
+				self.wake.set()
 
 	def _run(self) -> None:
 		from engineio import packet
