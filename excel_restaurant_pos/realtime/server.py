@@ -340,6 +340,11 @@ class RealtimeServer:
 		now = time.monotonic()
 		for queue in list(self.unsent.queues):
 			eio_socket = sockets.get(queue)
+			if eio_socket is not None and not eio_socket.upgraded and not eio_socket.closed:
+				# A long-poll takes everything waiting at once, and writing that response
+				# shows no progress here: a poller that stops polling is closed by the ping
+				# check instead, and what waits for it counts against the budget.
+				continue
 			queue.look_at_peer()
 			if eio_socket is None or now - max(queue.idle_since(), self.loop_blocked_until) >= self.config.slow_client_seconds:
 				self.cut_off(eio_socket, queue, "stalled")
