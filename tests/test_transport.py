@@ -178,7 +178,9 @@ def test_time_the_process_was_blocked_does_not_count_against_a_client(tmp_path):
 	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32}, cwd=tmp_path))
 	queue = server.sio.eio._async["queue"]()
 	closes = []
-	server.sio.eio.sockets["eio1"] = types.SimpleNamespace(sid="eio1", queue=queue, closed=False, close=lambda **how: closes.append(how))
+	server.sio.eio.sockets["eio1"] = types.SimpleNamespace(
+		sid="eio1", queue=queue, upgraded=True, closed=False, close=lambda **how: closes.append(how)
+	)
 	queue.put(message("waiting"))
 	queue.progress_at = queue.waiting_since = time.monotonic() - 10
 
@@ -190,6 +192,22 @@ def test_time_the_process_was_blocked_does_not_count_against_a_client(tmp_path):
 	server.sweep_slow_clients()
 	assert closes == [{"wait": False, "abort": True}]
 	assert server.unsent.total == 0
+
+
+def test_a_long_polling_client_is_not_cut_as_stalled(tmp_path):
+	"""A long-poll takes everything at once and shows no progress while its response is
+	written: Engine.IO's ping check closes a poller that stops polling, not the stall rule."""
+	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32}, cwd=tmp_path))
+	queue = server.sio.eio._async["queue"]()
+	closes = []
+	server.sio.eio.sockets["eio1"] = types.SimpleNamespace(
+		sid="eio1", queue=queue, upgraded=False, closed=False, close=lambda **how: closes.append(how)
+	)
+	queue.put(message("waiting"))
+	queue.progress_at = queue.waiting_since = time.monotonic() - 10 * server.config.slow_client_seconds
+
+	server.sweep_slow_clients()
+	assert closes == [] and queue.unsent_packets == 1
 
 
 def test_direct_writes_need_eventlets_private_parts_and_do_without_them():
