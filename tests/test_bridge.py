@@ -110,6 +110,25 @@ def test_unknown_site_on_frappe_channel(parser, raw):
 	assert bad(parser, FRAPPE_CHANNEL, raw).result == "unknown_site"
 
 
+@pytest.mark.parametrize(
+	("room", "expected"),
+	[("kitchen", "kitchen"), ("table:12", "table:12"), ("site1.local:table:12", "table:12"), ("", None), (None, None)],
+)
+def test_frappe_v14_room_without_a_site_goes_to_the_only_site(room, expected):
+	"""``publish_realtime(room="kitchen")`` on v14 publishes the room as given; a bench of
+	one site has only one place it can be for."""
+	delivery = Parser(("site1.local",), None).parse(FRAPPE_CHANNEL, json.dumps({"event": "order:new", "message": 1, "room": room}))
+
+	assert delivery == Delivery("site1.local", "site", expected, "order:new", 1)
+
+
+def test_frappe_v14_room_without_a_site_is_refused_with_several_sites(parser):
+	error = bad(parser, FRAPPE_CHANNEL, v14("order:new", 1, "kitchen"))
+
+	assert error.result == "unknown_site"
+	assert "'kitchen' does not start with one of this bench's sites" in str(error)
+
+
 # -- Parser: the app's channel ---------------------------------------------------------
 
 

@@ -100,6 +100,17 @@ def test_frappe_v14_site_prefixed_rooms(two_sites, js, publish, redis_url):
 	assert seen(js, "s1", "list_update") == [] and seen(js, "a1", "list_update") == []
 
 
+def test_frappe_v14_room_an_app_names_reaches_the_only_site(realtime, js, redis_url):
+	"""v14's ``publish_realtime(room="kitchen")`` publishes the room with no site: on a
+	one-site bench the kitchen display of that site gets it."""
+	server = realtime()
+	js.connect("kitchen", server.url + "/excel_restaurant_pos/default", token=token("cook@example.com"))
+	js.emit("kitchen", "room:join", "kitchen")
+	body = {"event": "order:new", "message": {"order_id": "ORD-14"}, "room": "kitchen"}
+	redis.Redis.from_url(redis_url).publish("events", json.dumps(body, indent=1, sort_keys=True))
+	assert js.wait_event("kitchen", "order:new") == [{"order_id": "ORD-14"}]
+
+
 def test_frappe_v14_events_on_a_separate_socketio_redis(realtime, js, publish, own_redis):
 	server = realtime(redis_socketio=own_redis.url)
 	js.connect("c", server.url + "/default", token=token())

@@ -12,8 +12,9 @@ The channels are:
 
 * ``events``, where Frappe publishes. v15 and newer send
   ``{"event", "message", "namespace": "<site>", "room"}``; v14 sends no ``namespace`` and
-  prefixes every room with ``<site>:``. Both become one :class:`Delivery`, so a room has one
-  name on every Frappe version.
+  prefixes Frappe's own rooms with ``<site>:``. Both become one :class:`Delivery`, so a room
+  has one name on every Frappe version. A v14 room without the prefix (one an app named)
+  goes to the site of a one-site bench.
 * ``excel_restaurant_pos_events``, where :mod:`excel_restaurant_pos.realtime.utils`
   publishes ``{"namespace": "/excel_restaurant_pos/<site>", "room", "event", "message"}``.
 
@@ -82,15 +83,23 @@ class Parser:
 	def _frappe_event(self, data: dict, event: str, room: str | None) -> Delivery:
 		site = data.get("namespace")
 		if site is None:
-			# Frappe v14: the site is the room's prefix ("site1.local:doc:ToDo/1").
-			site, colon, room = (room or "").partition(":")
-			if not colon:
-				raise BadMessage("no namespace and no site-prefixed room", "unknown_site")
-			room = room or None
+			site, room = self._v14_site(room)
 		if not isinstance(site, str) or site.lstrip("/") not in self.sites:
 			raise BadMessage(f"unknown site {site!r}", "unknown_site")
 		site = site.lstrip("/")
 		return Delivery(site, "site", room, event, data.get("message"))
+
+	def _v14_site(self, room: str | None) -> tuple[str, str | None]:
+		"""The site and room of a Frappe v14 message, which has no namespace. Frappe's own
+		rooms carry the site as a prefix (``site1.local:doc:ToDo/1``); a room an app names
+		itself (``publish_realtime(room="kitchen")``) does not, and goes to the only site of a
+		one-site bench. With several sites such a room is refused: no tenant is guessed."""
+		site, colon, rest = (room or "").partition(":")
+		if colon and site in self.sites:
+			return site, rest or None
+		if len(self.sites) == 1:
+			return next(iter(self.sites)), room or None
+		raise BadMessage(f"no namespace, and room {room!r} does not start with one of this bench's sites", "unknown_site")
 
 	def _app_event(self, data: dict, event: str, room: str | None) -> Delivery:
 		namespace = data.get("namespace")
