@@ -217,6 +217,23 @@ def listen(ctx: click.Context, rooms_: tuple[str, ...], url: str | None, token: 
 	Listener(url, token, rooms_, transport, path).run()
 
 
+def in_order(client: Any) -> Any:
+	"""python-socketio's client with its events handled in the order they arrive. Its
+	Engine.IO client hands every message to a new thread, so two events that arrive close
+	together can be printed the other way round. (Without that private method, as in another
+	release, the client keeps its own way.)"""
+	trigger = getattr(client.eio, "_trigger_event", None)
+	if trigger is not None:
+
+		def trigger_in_order(event: str, *args: Any, **kwargs: Any) -> Any:
+			if event == "message":
+				kwargs["run_async"] = False
+			return trigger(event, *args, **kwargs)
+
+		client.eio._trigger_event = trigger_in_order
+	return client
+
+
 class Listener:
 	"""A python-socketio client that prints events, joins its rooms at every connect, and
 	reconnects with backoff; its own loop, so that a refusal ends it with the reason."""
@@ -272,7 +289,7 @@ class Listener:
 				click.echo("connection lost; reconnecting", err=True)
 
 	def _client(self, socketio: Any) -> tuple[Any, list[str]]:
-		client = socketio.Client(reconnection=False)
+		client = in_order(socketio.Client(reconnection=False))
 		refusals: list[str] = []
 		namespace = self.namespace
 

@@ -215,6 +215,19 @@ def test_listen_prints_what_the_helpers_publish_and_comes_back_after_a_crash(rea
 	assert status == 0
 
 
+def test_listen_prints_a_burst_in_the_order_it_was_published(realtime, publish, redis_url):
+	server = realtime()
+	listener = Running("listen", "--room", "kitchen", env=shell_env(redis_url, server))
+	try:
+		listener.wait_err("joined kitchen")
+		for n in range(100):
+			publish.publish_to_room("kitchen", "order:new", {"n": n})
+		wait_for(lambda: len(listener.out) >= 100, 15, message=f"a hundred events; stderr {listener.err}")
+	finally:
+		assert listener.stop() == 0
+	assert [event["args"][0]["n"] for event in listener.events()] == list(range(100))
+
+
 def test_listen_says_why_it_is_refused(realtime, redis_url):
 	server = realtime()
 	expired = make_token("cook@example.com", SECRET, ttl=-60)
