@@ -17,9 +17,13 @@ def in_a_bench() -> bool:
 	return (here.parent.parent / "sites" / "common_site_config.json").is_file()
 
 
+def read_requirements(name: str) -> list[str]:
+	lines = [line.strip() for line in (here / name).read_text().splitlines()]
+	return [line for line in lines if line and not line.startswith("#")]
+
+
 def requirements() -> list[str]:
-	lines = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()]
-	wanted = [line for line in lines if line and not line.startswith("#")]
+	wanted = read_requirements("requirements.txt")
 	if in_a_bench():
 		wanted = [line for line in wanted if re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower() not in FRAPPE_PROVIDES]
 	return wanted
@@ -38,4 +42,5 @@ setup(
 	include_package_data=True,
 	zip_safe=False,
 	install_requires=requirements(),
+	extras_require={"gevent": read_requirements("requirements-gevent.txt")},
 )

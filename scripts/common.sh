@@ -20,6 +20,15 @@ python_for() {  # python_for 3.10 -> a python of that version if the machine has
 	echo python3
 }
 
+newest_python() {  # the newest Python 3 the machine has (3.12 or later), else python3
+	local version candidate
+	for version in 3.14 3.13 3.12; do
+		candidate="$(python_for "$version")"
+		if [ "$candidate" != python3 ]; then echo "$candidate"; return; fi
+	done
+	echo python3
+}
+
 make_venv() {  # make_venv DIR PYTHON [pip args...]: create or update a virtualenv
 	local dir="$1" python="$2"
 	shift 2

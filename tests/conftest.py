@@ -11,7 +11,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import FrappeStandIn, JSClients, RealtimeProcess, RedisServer, free_port  # noqa: E402
+from harness import ASYNC_MODE_ENV, FrappeStandIn, JSClients, RealtimeProcess, RedisServer, free_port  # noqa: E402
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+	parser.addoption(
+		"--async-mode",
+		choices=("eventlet", "gevent"),
+		default="eventlet",
+		help="the backend of every realtime server the tests start",
+	)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+	return f"realtime servers on {config.getoption('--async-mode')}"
+
 
 SECRET = "test-secret-of-site-one-0123456789abcdef"
 OTHER_SECRET = "test-secret-of-site-two-0123456789abcdef"
@@ -91,13 +104,15 @@ def js():
 
 
 @pytest.fixture(autouse=True)
-def _no_bench_discovery(monkeypatch, tmp_path):
-	"""Tests run outside any bench unless they build one themselves."""
+def _no_bench_discovery(monkeypatch, tmp_path, request):
+	"""Tests run outside any bench unless they build one themselves, with servers on the
+	backend the run chose."""
 	monkeypatch.delenv("FRAPPE_BENCH_PATH", raising=False)
 	monkeypatch.chdir(tmp_path)
 	for name in list(os.environ):
 		if name.startswith("EXCEL_RESTAURANT_POS_") or name in ("FRAPPE_REDIS_QUEUE", "FRAPPE_SITE"):
 			monkeypatch.delenv(name)
+	monkeypatch.setenv(ASYNC_MODE_ENV, request.config.getoption("--async-mode"))
 
 
 __all__ = ["free_port", "SECRET", "OTHER_SECRET"]

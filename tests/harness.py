@@ -26,6 +26,9 @@ import redis
 from excel_restaurant_pos.auth import TokenError, bearer_token, verify_token
 
 REPO = Path(__file__).resolve().parent.parent
+#: The one server setting a test run may choose for every server it starts (``pytest
+#: --async-mode gevent``): everything else a test sets itself.
+ASYNC_MODE_ENV = "EXCEL_RESTAURANT_POS_SOCKETIO_ASYNC_MODE"
 
 
 def free_port() -> int:
@@ -123,7 +126,7 @@ class RealtimeProcess:
 		return args
 
 	def start(self, wait_healthy: bool = True) -> None:
-		env = {key: value for key, value in os.environ.items() if not key.startswith("EXCEL_RESTAURANT_POS_")}
+		env = {key: value for key, value in os.environ.items() if not key.startswith("EXCEL_RESTAURANT_POS_") or key == ASYNC_MODE_ENV}
 		env.update(self.env)
 		env["PYTHONUNBUFFERED"] = "1"
 		self.folder.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,7 @@ Every call passes ``env`` and ``cwd`` explicitly, so nothing on the machine runn
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 

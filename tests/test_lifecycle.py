@@ -120,11 +120,33 @@ def test_bad_configuration_stops_start_up_with_one_clear_line(tmp_path):
 	assert f"{bench / 'sites' / 'common_site_config.json'}: invalid JSON at line 1" in result.stderr
 
 
-def test_start_up_log_says_where_it_listens(realtime):
+def test_start_up_log_says_where_it_listens(realtime, request):
 	server = realtime(env={"EXCEL_RESTAURANT_POS_SITES": "site1.local"})
 	line = next(line for line in server.log().splitlines() if "listening on 127.0.0.1" in line)
 	assert f"127.0.0.1:{server.port} (standalone)" in line
 	assert "sites site1.local" in line and "auth jwt" in line and "redis redis://127.0.0.1:" in line
+	# the backend this test run chose, as the operator would read it
+	assert f"; {request.config.getoption('--async-mode')};" in line
+
+
+def test_a_backend_that_is_not_installed_is_named_with_what_to_install(tmp_path):
+	"""Picking gevent on a Python that lacks gevent-websocket (hidden from the import
+	system here) stops start-up with one line that says what to install."""
+	env = {**os.environ, "EXCEL_RESTAURANT_POS_SOCKETIO_ASYNC_MODE": "gevent"}
+	code = (
+		"import importlib.util, sys\n"
+		"real = importlib.util.find_spec\n"
+		"importlib.util.find_spec = lambda name, *a: None if name == 'geventwebsocket' else real(name, *a)\n"
+		"from excel_restaurant_pos.realtime.__main__ import main\n"
+		"sys.exit(main(['--port', '0']))\n"
+	)
+	result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=20)
+	assert result.returncode == 2
+	assert (
+		"configuration error: async mode gevent (excel_restaurant_pos_socketio_async_mode) needs gevent gevent-websocket: "
+		"pip install 'excel_restaurant_pos[gevent]'"
+	) in result.stderr
+	assert "Traceback" not in result.stderr
 
 
 def test_importing_the_realtime_package_has_no_side_effects():

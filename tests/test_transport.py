@@ -14,7 +14,7 @@ import pytest
 from engineio import packet
 from harness import wait_for
 
-from excel_restaurant_pos.realtime import transport
+from excel_restaurant_pos.realtime import backend, transport
 from excel_restaurant_pos.realtime.config import load_config
 from excel_restaurant_pos.realtime.server import RealtimeServer
 from excel_restaurant_pos.realtime.transport import packet_size
@@ -28,7 +28,7 @@ with warnings.catch_warnings():
 def client_queues(count: int, budget: int = 1 << 20, on_over_budget=lambda: None) -> tuple[transport.UnsentData, list]:
 	"""``count`` queues of the class Engine.IO builds for each client, sharing one total."""
 	unsent = transport.UnsentData(budget, on_over_budget)
-	client_queue = transport.engineio_overrides(eventlet_driver._async, unsent)["queue"]
+	client_queue = transport.engineio_overrides(eventlet_driver._async, unsent, backend.Eventlet())["queue"]
 	return unsent, [client_queue() for _ in range(count)]
 
 
@@ -156,7 +156,7 @@ def test_bytes_the_peer_acknowledged_are_progress():
 		peer = socket.create_connection(listener.getsockname())
 		server_side, _ = listener.accept()
 	with peer, server_side:
-		queue.websocket = types.SimpleNamespace(socket=server_side)
+		queue.owner = types.SimpleNamespace(transport_socket=server_side)
 		queue.put(message("waiting"))
 		queue.look_at_peer()  # the first look only learns where the count stands
 		before = queue.progress_at

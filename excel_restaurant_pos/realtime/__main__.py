@@ -2,11 +2,12 @@
 ``excel-pos`` commands (``… token USER``, ``… listen``; see :mod:`excel_restaurant_pos.commands`).
 
 Running the server is the default: any arguments that do not start with a command name are
-its flags. Eventlet's monkey-patching happens here, for the server only and before anything
-else is imported, so that importing the package elsewhere (Frappe, tests, scripts, the
-commands) changes nothing.
+its flags. The backend's monkey-patching (eventlet's or gevent's) happens here, for the
+server only and before anything it patches is imported, so that importing the package
+elsewhere (Frappe, tests, scripts, the commands) changes nothing.
 """
 
+import argparse
 import sys
 
 
@@ -20,17 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_server(argv: list[str]) -> int:
-	import warnings
-
-	# Eventlet announces its maintenance mode on import; operators cannot act on that.
-	warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
-	import eventlet
-
-	eventlet.monkey_patch()
-
-	import logging
 	import os
 
+	from excel_restaurant_pos.realtime import backend
 	from excel_restaurant_pos.realtime.config import ConfigError, load_config
 
 	args = vars(parse_args(argv))
@@ -41,7 +34,10 @@ def run_server(argv: list[str]) -> int:
 
 		env.setdefault("EXCEL_RESTAURANT_POS_JWT_SECRET", development.DEV_SECRET)
 	try:
+		# Reading the configuration imports nothing the patch changes, and says which
+		# backend patches.
 		config = load_config(args, bench=bench, env=env)
+		backend.load(config.async_mode).monkey_patch()
 		if dev and args.get("host") is None and not env.get("EXCEL_RESTAURANT_POS_SOCKETIO_HOST"):
 			config = development.local_only(config)
 			development.ensure_redis(config.redis_queue)
@@ -49,6 +45,9 @@ def run_server(argv: list[str]) -> int:
 	except ConfigError as exc:
 		print(f"excel_restaurant_pos realtime: configuration error: {exc}", file=sys.stderr)
 		return 2
+
+	import logging
+
 	logging.basicConfig(
 		level=config.log_level.upper(),
 		format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -63,9 +62,7 @@ def run_server(argv: list[str]) -> int:
 		return 2
 
 
-def parse_args(argv: list[str]) -> "argparse.Namespace":  # noqa: F821 -- imported after the patch
-	import argparse
-
+def parse_args(argv: list[str]) -> argparse.Namespace:
 	from excel_restaurant_pos.realtime.config import SETTINGS
 
 	parser = argparse.ArgumentParser(

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 APP_NAME = "excel_restaurant_pos"
 AUTH_MODES = ("frappe", "jwt")
+#: The green-thread libraries the server runs on (see :mod:`~excel_restaurant_pos.realtime.backend`).
+ASYNC_MODES = ("eventlet", "gevent")
 
 
 class ConfigError(Exception):
@@ -80,11 +82,14 @@ def _as_optional_redis_url(value: Any) -> str | None:
 	return None if value in (None, "") else _as_redis_url(value)
 
 
-def _as_auth_mode(value: Any) -> str:
-	mode = str(value).strip().lower()
-	if mode not in AUTH_MODES:
-		raise ValueError(f"expected one of {', '.join(AUTH_MODES)}")
-	return mode
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+	def parse(value: Any) -> str:
+		choice = str(value).strip().lower()
+		if choice not in choices:
+			raise ValueError(f"expected one of {', '.join(choices)}")
+		return choice
+
+	return parse
 
 
 def _as_bool(value: Any) -> bool:
@@ -129,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
 	Setting("frappe_url", f"{APP_NAME}_frappe_url", None, _as_optional_str, "base URL for calls to Frappe"),
 	Setting("default_site", "default_site", "FRAPPE_SITE", _as_optional_str, "the site behind /excel_restaurant_pos/default"),
 	Setting("jwt_secret_key", "jwt_secret_key", "EXCEL_RESTAURANT_POS_JWT_SECRET", _as_optional_str, "HS256 secret"),
-	Setting("auth_mode", f"{APP_NAME}_socketio_auth", None, _as_auth_mode, "token verification: frappe or jwt"),
+	Setting("auth_mode", f"{APP_NAME}_socketio_auth", None, _one_of(AUTH_MODES), "token verification: frappe or jwt"),
+	_limit("async_mode", _one_of(ASYNC_MODES), "green threads: eventlet (default) or gevent"),
 	Setting("allowed_origins", f"{APP_NAME}_socketio_allowed_origins", "EXCEL_RESTAURANT_POS_ALLOWED_ORIGINS", _as_origins, "origins allowed when a browser sends one"),
 	Setting("public_rooms", f"{APP_NAME}_socketio_public_rooms", "EXCEL_RESTAURANT_POS_PUBLIC_ROOMS", _as_list, "glob patterns Website Users may join"),
 	Setting("sites", None, "EXCEL_RESTAURANT_POS_SITES", _as_list, "standalone sites"),
@@ -187,6 +193,7 @@ DEFAULTS: dict[str, Any] = {
 	"recovery_window": 120.0,
 	"recovery_max_events": 100_000,
 	"log_level": "INFO",
+	"async_mode": "eventlet",
 }
 
 
@@ -231,6 +238,7 @@ class Config:
 	recovery_window: float
 	recovery_max_events: int
 	log_level: str
+	async_mode: str
 
 	@property
 	def sites(self) -> tuple[str, ...]:
@@ -263,7 +271,7 @@ class Config:
 		return (
 			f"listening on {where} ({mode}); redis {', '.join(self.event_redis_urls)}; "
 			f"sites {', '.join(self.sites) or '(none)'} (default {self.default_site or '(none)'}); "
-			f"auth {self.auth_mode}" + (f" via {self.frappe_url}" if self.auth_mode == "frappe" else "")
+			f"auth {self.auth_mode}" + (f" via {self.frappe_url}" if self.auth_mode == "frappe" else "") + f"; {self.async_mode}"
 		)
 
 

@@ -1,4 +1,4 @@
-"""The realtime server: python-socketio on eventlet, its HTTP endpoints and its lifecycle.
+"""The realtime server: python-socketio on eventlet or gevent, its HTTP endpoints and its lifecycle.
 
 :class:`RealtimeServer` knows sockets and nothing about Redis formats: the bridge hands it
 :class:`~excel_restaurant_pos.realtime.bridge.Delivery` values and it emits them to its own
@@ -31,9 +31,9 @@ import socketio
 from socketio import packet
 
 from excel_restaurant_pos.auth import token_fingerprint
-from excel_restaurant_pos.realtime import events, log, metrics, rooms, transport
+from excel_restaurant_pos.realtime import backend, events, log, metrics, rooms, transport
 from excel_restaurant_pos.realtime.bridge import Bridge
-from excel_restaurant_pos.realtime.config import Config, ConfigError
+from excel_restaurant_pos.realtime.config import Config
 from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused, site_for, token_from
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
 from excel_restaurant_pos.realtime.log import Delivery
@@ -86,10 +86,11 @@ class RealtimeServer:
 		from excel_restaurant_pos.realtime import handlers  # noqa: F401 -- registers the app's events
 
 		self.config = config
+		self.backend = backend.load(config.async_mode)
 		self.frappe_api = FrappeAPI(config) if config.auth_mode == "frappe" else None
 		self.auth = Authenticator(config, self.frappe_api)
 		self.sio = SocketServer(
-			async_mode="eventlet",
+			async_mode=self.backend.name,
 			client_manager=IndexedManager(),
 			namespaces="*",
 			cors_allowed_origins="*",  # origins are checked at connect, with a clear refusal
@@ -103,7 +104,7 @@ class RealtimeServer:
 		self.budget_cut_pending = False
 		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
 		self.loop_blocked_until = 0.0
-		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent)
+		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent, self.backend)
 		self.heartbeat = transport.Heartbeat(self.sio.eio)
 		self.sio.eio.sockets = transport.WatchedSockets(self.heartbeat, self.sio.eio.sockets)
 		self.sio_app = socketio.WSGIApp(self.sio)
@@ -535,54 +536,19 @@ def raise_open_file_limit() -> int:
 	return soft
 
 
-def listen(config: Config) -> socket.socket:
-	"""The listening socket, or a :class:`ConfigError` that names the key at fault."""
-	import eventlet
-
-	try:
-		if config.uds:
-			if os.path.exists(config.uds):
-				os.unlink(config.uds)
-			return eventlet.listen(config.uds, family=socket.AF_UNIX, backlog=4096)
-		return eventlet.listen((config.host, config.port), backlog=4096)
-	except OSError as exc:
-		where = f"unix socket {config.uds} (excel_restaurant_pos_socketio_uds)" if config.uds else (
-			f"{config.host}:{config.port} (excel_restaurant_pos_socketio_port)"
-		)
-		raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-
-
 def serve(config: Config) -> int:
-	"""Run until SIGTERM/SIGINT, drain, and return the exit status."""
-	import eventlet
-	import eventlet.wsgi
-
+	"""Run until SIGTERM/SIGINT, drain, and return the exit status. The backend has
+	patched the standard library already (see ``__main__``)."""
 	files = raise_open_file_limit()
-	# Room for an oversized Bearer header, so it is refused with a reason rather than a 400.
-	eventlet.wsgi.MAX_HEADER_LINE = max(eventlet.wsgi.MAX_HEADER_LINE, 16384)
-	sock = listen(config)
+	sock = backend.listen(config)
 	server = RealtimeServer(config)
 	signal.signal(signal.SIGTERM, server.request_stop)
 	signal.signal(signal.SIGINT, server.request_stop)
 	server.start_background()
-	eventlet.spawn(
-		eventlet.wsgi.server,
-		sock,
-		server.wsgi,
-		log_output=False,
-		protocol=transport.http_protocol(),
-		max_size=config.max_connections,
-		# Without these eventlet waits forever for a request: a connection that never sends
-		# one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a hostile
-		# peer) would hold a slot of max_connections, and with enough of them nobody gets in.
-		# Websockets are unaffected: Engine.IO sets their timeout from the ping settings.
-		socket_timeout=config.http_timeout,
-		keepalive=config.http_timeout,
-		log=logging.getLogger("excel_restaurant_pos.realtime.http"),
-	)
+	server.sio.start_background_task(server.backend.wsgi_server(sock, server.wsgi, config, lambda: not server.draining))
 	logger.info("%s; open-file limit %d; process=%s", config.describe(), files, server.process)
 	while not server.stop_requested:
-		eventlet.sleep(0.2)
+		server.sio.sleep(0.2)
 	server.drain()
 	logger.info("stopped")
 	return 0

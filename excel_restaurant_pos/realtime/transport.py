@@ -49,7 +49,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+	from excel_restaurant_pos.realtime.backend import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +104,21 @@ class UnsentData:
 			self.total -= packet_size(packet)
 
 
-def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
-	"""A copy of Engine.IO's eventlet driver table with the client queue and the websocket
-	wrapper in place; Engine.IO builds each client's queue and websocket from this table."""
-	import eventlet
-	from eventlet.websocket import RFC6455WebSocket
-
+def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend) -> dict:
+	"""A copy of Engine.IO's driver table with the client queue and the websocket wrapper in
+	place; Engine.IO builds each client's queue and websocket from this table. Direct writes
+	(and with them one green thread per websocket) need the backend's websocket to be one
+	whose frames can be written here; without it every packet goes through Engine.IO's writer."""
 	queue_class = async_drivers["queue"]
 	queue_empty = async_drivers["queue_empty"]
 	websocket_class = async_drivers["websocket"]
+	thread_class = async_drivers["thread"]
+	direct_class = backend.direct_websocket()
+
+	def spawn(function: Callable, *args: Any) -> Any:
+		thread = thread_class(target=function, args=args)
+		thread.start()
+		return thread
 
 	class ClientQueue(queue_class):
 		"""Counts what waits into ``unsent`` and keeps the clock of the stall rule: when its
@@ -124,7 +133,8 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			self.peer_acked: int | None = None
 			#: Set once the client is cut or its socket gone: nothing here will be sent.
 			self.discarded = False
-			#: The Engine.IO socket and websocket, once a websocket writer drains this queue.
+			#: The Engine.IO socket, once a websocket writer drains this queue, and the
+			#: websocket when packets may be written to it directly.
 			self.owner: Any = None
 			self.websocket: Any = None
 			#: No writer waits on this queue (:func:`serve_websocket`): it drains itself.
@@ -151,7 +161,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			"""Start a green thread that sends what waits here, unless one runs or the
 			websocket is still being upgraded (Engine.IO holds sends until it is)."""
 			if self.drainer is None and self.owner.upgraded and not self.owner.upgrading:
-				self.drainer = eventlet.spawn(self._drain, self.websocket)
+				self.drainer = spawn(self._drain, self.websocket)
 
 		def _drain(self, websocket: Any) -> None:
 			"""Send packets in order until none waits; at the end mark, close the websocket
@@ -177,7 +187,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			"""Wait for the drainer to finish (it ends at the end mark)."""
 			if self.drainer is not None:
 				try:
-					self.drainer.wait()
+					self.drainer.join()
 				except Exception:
 					pass
 
@@ -225,7 +235,8 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 		def look_at_peer(self) -> None:
 			"""Count as progress the bytes the websocket's peer acknowledged since the last
 			look: its writer may be waiting for room in a socket that the client drains."""
-			acked = bytes_acked(self.websocket.socket) if self.websocket is not None else None
+			sock = getattr(self.owner, "transport_socket", None)
+			acked = bytes_acked(sock) if sock is not None else None
 			if acked is not None and acked != self.peer_acked:
 				if self.peer_acked is not None:
 					self.progress_at = time.monotonic()
@@ -271,7 +282,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			if sent == len(frame):
 				websocket._sendlock.release()
 			else:
-				eventlet.spawn(finish_frame, websocket, memoryview(frame)[sent:])
+				spawn(finish_frame, websocket, memoryview(frame)[sent:])
 			return True
 
 	class TrackedWebSocket(websocket_class):
@@ -282,9 +293,10 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			owner = getattr(handler, "__self__", None)
 
 			def run(websocket: Any) -> Any:
-				direct = isinstance(websocket, RFC6455WebSocket) and direct_writes_possible(websocket)
+				direct = direct_class is not None and isinstance(websocket, direct_class) and direct_writes_possible(websocket)
+				owner.queue.owner = owner
 				if direct:
-					owner.queue.owner, owner.queue.websocket = owner, websocket
+					owner.queue.websocket = websocket
 				try:
 					if direct and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
 						return serve_websocket(owner, websocket)
@@ -296,8 +308,10 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData) -> dict:
 			self.owner = owner
 
 		def __call__(self, environ: dict, start_response: Any) -> Any:
-			if self.owner is not None and "eventlet.input" in environ:
-				self.owner.transport_socket = environ["eventlet.input"].get_socket()
+			if self.owner is not None:
+				sock = self.owner.transport_socket = backend.tcp_socket(environ)
+				if sock is not None:  # as Engine.IO sets where it can reach the socket itself
+					sock.settimeout(self.owner.server.ping_interval + self.owner.server.ping_timeout)
 			return super().__call__(environ, start_response)
 
 	return {**async_drivers, "queue": ClientQueue, "websocket": TrackedWebSocket}

@@ -1,0 +1,203 @@
+"""The green-thread libraries the server runs on: eventlet (the default) and gevent.
+
+The server, its handlers, the bridge and the transport are written once, against what
+python-socketio and Engine.IO give every backend (background tasks, sleeps, events, the
+driver's queue and thread). What differs between the two is here, and nowhere else:
+
+* patching the standard library, once, at the entry point and before anything else;
+* the WSGI server that accepts connections, and how it bounds their number and their
+  silence before a request is complete;
+* the websocket. eventlet's has the send lock and frame packer the transport's direct writes
+  use (:mod:`~excel_restaurant_pos.realtime.transport`). gevent's is gevent-websocket's, the
+  handler Engine.IO's gevent driver takes and Frappe's own Python realtime server runs: it
+  has neither, so under gevent every packet goes through Engine.IO's writer;
+* where a connection's TCP socket is found in the WSGI environ (the stall rule reads what its
+  peer acknowledged; a cut shuts it).
+
+Why two: eventlet's maintainers discourage new use and Frappe's next release runs its
+realtime server on gevent, while eventlet is what the benches of today run and what the
+direct writes are built on. Importing this module imports neither library, nor anything
+either patches but ``socket`` (patched in place), so the entry point can import it first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from excel_restaurant_pos.realtime.config import Config, ConfigError
+
+#: Room for an oversized Bearer header, so it is refused with a reason rather than a 400.
+MAX_HEADER_LINE = 16384
+
+
+class Backend:
+	"""What the server needs from a green-thread library. ``name`` is Engine.IO's async mode."""
+
+	name: str
+
+	def monkey_patch(self) -> None:
+		"""Patch the standard library: sockets, locks, sleeps and signals turn green."""
+		raise NotImplementedError
+
+	def wsgi_server(self, sock: socket.socket, app: Callable, config: Config, accepting: Callable[[], bool]) -> Callable[[], None]:
+		"""A function that serves ``app`` on ``sock`` until the process ends. ``accepting``
+		says whether new clients are taken: while it is false ``app`` answers every
+		handshake 503, and no websocket may be upgraded before it has (a load balancer
+		then sends the client to another process)."""
+		raise NotImplementedError
+
+	def direct_websocket(self) -> type | None:
+		"""The websocket class whose frames the transport may write itself, if any."""
+		return None
+
+	def tcp_socket(self, environ: dict) -> Any:
+		"""The client's TCP socket behind a websocket request; ``None`` when not found."""
+		return None
+
+
+class Eventlet(Backend):
+	name = "eventlet"
+
+	def monkey_patch(self) -> None:
+		import warnings
+
+		# Eventlet announces its maintenance mode on import; operators cannot act on that.
+		warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+		import eventlet
+
+		eventlet.monkey_patch()
+
+	def wsgi_server(self, sock: socket.socket, app: Callable, config: Config, accepting: Callable[[], bool]) -> Callable[[], None]:
+		import logging
+
+		import eventlet.wsgi
+
+		from excel_restaurant_pos.realtime.transport import http_protocol
+
+		eventlet.wsgi.MAX_HEADER_LINE = max(eventlet.wsgi.MAX_HEADER_LINE, MAX_HEADER_LINE)
+		return lambda: eventlet.wsgi.server(
+			sock,
+			app,
+			log_output=False,
+			protocol=http_protocol(),
+			max_size=config.max_connections,
+			# Without these eventlet waits forever for a request: a connection that never
+			# sends one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a
+			# hostile peer) would hold a slot of max_connections, and with enough of them
+			# nobody gets in. Engine.IO gives websockets their own timeout.
+			socket_timeout=config.http_timeout,
+			keepalive=config.http_timeout,
+			log=logging.getLogger("excel_restaurant_pos.realtime.http"),
+		)
+
+	def direct_websocket(self) -> type | None:
+		from eventlet.websocket import RFC6455WebSocket
+
+		return RFC6455WebSocket
+
+	def tcp_socket(self, environ: dict) -> Any:
+		wsgi_input = environ.get("eventlet.input")
+		return wsgi_input.get_socket() if wsgi_input is not None else None
+
+
+class Gevent(Backend):
+	name = "gevent"
+
+	def monkey_patch(self) -> None:
+		from gevent import monkey
+
+		monkey.patch_all()
+
+	def wsgi_server(self, sock: socket.socket, app: Callable, config: Config, accepting: Callable[[], bool]) -> Callable[[], None]:
+		import logging
+
+		from gevent.pool import Pool
+		from geventwebsocket.handler import WebSocketHandler
+		from geventwebsocket.server import WebSocketServer
+
+		class Handler(WebSocketHandler):
+			"""gevent-websocket's handler, with the silence before a complete request bounded
+			as eventlet's ``socket_timeout`` does (the websocket sets its own once upgraded)."""
+
+			def handle(self) -> None:
+				self.socket.settimeout(config.http_timeout)
+				super().handle()
+
+			def log_request(self) -> None:
+				pass  # one line per poll is noise; /metrics counts what matters
+
+			def _handle_client_error(self, ex: Exception) -> Any:
+				# gevent's hook for a request it could not read answers 400 and prints a
+				# traceback; a peer that went silent or away mid-request gets neither, as on
+				# eventlet: the connection is closed. (Without the hook, gevent's answer stands.)
+				if isinstance(ex, OSError):
+					return None
+				return super()._handle_client_error(ex)
+
+		server = WebSocketServer(
+			sock,
+			app,
+			spawn=Pool(config.max_connections),
+			handler_class=Handler,
+			log=None,
+			error_log=logging.getLogger("excel_restaurant_pos.realtime.http"),
+			# gevent-websocket upgrades a websocket before it calls the app, and then
+			# ignores the app's answer: a shutting-down process would take the client only
+			# to drop it. The hook lets the app answer such a request as plain HTTP.
+			pre_start_hook=lambda handler: not accepting(),
+		)
+		return server.serve_forever
+
+	def tcp_socket(self, environ: dict) -> Any:
+		websocket = environ.get("wsgi.websocket")
+		handler = getattr(websocket, "handler", None)
+		return getattr(handler, "socket", None)
+
+
+BACKENDS: dict[str, type[Backend]] = {"eventlet": Eventlet, "gevent": Gevent}
+#: What each backend needs installed, for the error that says so.
+PACKAGES = {"eventlet": "eventlet", "gevent": "gevent gevent-websocket"}
+
+
+def load(name: str) -> Backend:
+	"""The backend called ``name``, or a :class:`ConfigError` when it is not installed."""
+	import importlib.util
+
+	for package in PACKAGES[name].split():
+		if importlib.util.find_spec(package.replace("-", "")) is None:
+			raise ConfigError(
+				f"async mode {name} (excel_restaurant_pos_socketio_async_mode) needs {PACKAGES[name]}: "
+				f"pip install 'excel_restaurant_pos[{name}]'"
+			)
+	return BACKENDS[name]()
+
+
+def listen(config: Config) -> socket.socket:
+	"""The listening socket (green once the backend patched ``socket``), or a
+	:class:`ConfigError` that names the key at fault."""
+	try:
+		if config.uds:
+			if os.path.exists(config.uds):
+				os.unlink(config.uds)
+			sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+			where: Any = config.uds
+		else:
+			family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+			sock = socket.socket(family, socket.SOCK_STREAM)
+			sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+			where = (config.host, config.port)
+		try:
+			sock.bind(where)
+			sock.listen(4096)
+		except OSError:
+			sock.close()
+			raise
+		return sock
+	except OSError as exc:
+		where = f"unix socket {config.uds} (excel_restaurant_pos_socketio_uds)" if config.uds else (
+			f"{config.host}:{config.port} (excel_restaurant_pos_socketio_port)"
+		)
+		raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
