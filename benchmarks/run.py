@@ -1,10 +1,10 @@
 """Benchmarks of the realtime server against a Node reference server.
 
-    bash scripts/bench [--quick] [--scenarios S1,S2] [--repeat 3] [--servers product,reference,baseline]
+    bash scripts/bench [--quick] [--scenarios S1,S2] [--repeat 3] [--servers product,gevent,reference,baseline]
 
 For every scenario and every repetition it starts a fresh Redis and a fresh server (the
-product, then the reference, then with ``--servers ...,baseline`` a straightforward
-python-socketio server), connects the clients with ``benchmarks/loadgen``, publishes
+product on eventlet, with ``--servers ...,gevent`` the product on gevent, then the reference,
+then with ``--servers ...,baseline`` a straightforward python-socketio server), connects the clients with ``benchmarks/loadgen``, publishes
 events through Redis in Frappe's and the app's wire formats, and reads the server's CPU time
 and memory from /proc. It prints a markdown table of medians and writes every figure to
 ``benchmarks/results/<timestamp>.json``. Everything runs on 127.0.0.1; every process it starts
@@ -51,9 +51,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOADGEN = HERE / "loadgen" / "loadgen.mjs"
 REFERENCE = HERE / "reference" / "server.mjs"
 BASELINE = HERE / "baseline" / "server.py"
-SERVERS = ("product", "reference")
-#: Every server the runner knows; the baseline runs only when asked for.
+SERVERS = ("product", "gevent", "reference")
+#: Every server the runner knows; the baseline runs only when asked for. ``gevent`` is the
+#: product on its second backend.
 KNOWN_SERVERS = (*SERVERS, "baseline")
+PRODUCTS = ("product", "gevent")
 
 #: A payload of the size of a small order update, so compression has something to work on.
 ORDER = {
@@ -172,9 +174,10 @@ class ServerProcess:
 			"--websocket-compression", "true" if scenario.compression else "false"]
 		if frappe_url:
 			flags += ["--frappe-url", frappe_url]
-		if kind == "product":
+		if kind in PRODUCTS:
 			# WARNING keeps errors in the log without one line per connect in the CPU figures.
 			self.command = [sys.executable, "-m", "excel_restaurant_pos.realtime", *flags, "--log-level", "WARNING"]
+			self.command += ["--async-mode", "gevent" if kind == "gevent" else "eventlet"]
 		elif kind == "baseline":
 			self.command = [sys.executable, str(BASELINE), *flags]
 		else:
@@ -380,7 +383,7 @@ def run_case(kind: str, scenario: Scenario, tokens: list[str], work: Path) -> di
 				standin.users[f"bench-{i}@example.com"] = {"enabled": 1, "user_type": "System User"}
 			standin.start()
 			frappe_url = standin.url
-		for _ in range(scenario.processes if kind == "product" else 1):
+		for _ in range(scenario.processes if kind in PRODUCTS else 1):
 			servers.append(ServerProcess(kind, scenario, redis_server.url, frappe_url, work))
 			servers[-1].start()
 		time.sleep(0.5)
@@ -484,22 +487,31 @@ def median_of(cases: list[dict], path: tuple[str, ...]) -> float | None:
 
 
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
-	baseline = any(by_server.get("baseline") for by_server in results.values())
-	rows = ["| scenario | metric | product | reference | ratio (product/reference) |" + (" python-socketio baseline |" if baseline else ""),
-		"|---|---|---:|---:|---:|" + ("---:|" if baseline else "")]
+	"""Medians per scenario and metric: the product on eventlet, the reference and their
+	ratio, then, when they ran, the product on gevent with its ratio and the baseline."""
+	ran = {kind for by_server in results.values() for kind, cases in by_server.items() if cases}
+	extra = [kind for kind in ("gevent", "baseline") if kind in ran]
+	heads = {"gevent": " product on gevent | ratio (gevent/reference) |", "baseline": " python-socketio baseline |"}
+	rows = ["| scenario | metric | product | reference | ratio (product/reference) |" + "".join(heads[kind] for kind in extra),
+		"|---|---|---:|---:|---:|" + "".join("---:|---:|" if kind == "gevent" else "---:|" for kind in extra)]
+
+	def cell(value: float | None, fmt: str) -> str:
+		return fmt.format(value) if value is not None else "—"
+
+	def ratio(a: float | None, b: float | None) -> str:
+		return f"{a / b:.2f}" if a is not None and b not in (None, 0) else "—"
+
 	for name in ORDER_OF_SCENARIOS:
 		if name not in results:
 			continue
 		for label, path, fmt in METRICS:
 			if label not in SHOWN.get(name, set()):
 				continue
-			p = median_of(results[name].get("product", []), path)
-			r = median_of(results[name].get("reference", []), path)
-			ratio = f"{p / r:.2f}" if p is not None and r not in (None, 0) else "—"
-			row = f"| {name} | {label} | {fmt.format(p) if p is not None else '—'} | {fmt.format(r) if r is not None else '—'} | {ratio} |"
-			if baseline:
-				b = median_of(results[name].get("baseline", []), path)
-				row += f" {fmt.format(b) if b is not None else '—'} |"
+			p, r = (median_of(results[name].get(kind, []), path) for kind in ("product", "reference"))
+			row = f"| {name} | {label} | {cell(p, fmt)} | {cell(r, fmt)} | {ratio(p, r)} |"
+			for kind in extra:
+				value = median_of(results[name].get(kind, []), path)
+				row += f" {cell(value, fmt)} |" + (f" {ratio(value, r)} |" if kind == "gevent" else "")
 			rows.append(row)
 	for base, variant, feature in VARIANTS:
 		if base not in results or variant not in results:
@@ -510,8 +522,7 @@ def table(results: dict[str, dict[str, list[dict]]]) -> str:
 				continue
 			off = median_of(results[base].get("product", []), path)
 			on = median_of(results[variant].get("product", []), path)
-			ratio = f"{on / off:.2f}" if on is not None and off not in (None, 0) else "—"
-			rows.append(f"| {label} | {fmt.format(off) if off is not None else '—'} | {fmt.format(on) if on is not None else '—'} | {ratio} |")
+			rows.append(f"| {label} | {cell(off, fmt)} | {cell(on, fmt)} | {ratio(on, off)} |")
 	return "\n".join(rows)
 
 
@@ -558,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 		for name in [n for n in ORDER_OF_SCENARIOS if n in wanted]:
 			scenario = catalogue[name]
 			tokens = token_cache.setdefault(scenario.clients, tokens_for(scenario.clients))
-			for kind in [kind for kind in servers if kind == "product" or name not in PRODUCT_ONLY]:
+			for kind in [kind for kind in servers if kind in PRODUCTS or name not in PRODUCT_ONLY]:
 				print(f"[{time.time() - started:6.0f} s] run {run + 1}/{repeat} {name} ({scenario.title}) {kind} ...", file=sys.stderr, flush=True)
 				case = run_case(kind, scenario, tokens, work)
 				case["run"] = run + 1

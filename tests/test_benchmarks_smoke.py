@@ -1,5 +1,5 @@
 """The benchmark runner still works end to end: a small S1 (with recovery off and on) and a
-small jwt storm, for the product, the Node reference and the python-socketio baseline, with
+small jwt storm, for the product on both backends, the Node reference and the python-socketio baseline, with
 no lost deliveries and no failed connects."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from harness import REPO
 
 def test_quick_benchmark_runs_for_every_server():
 	result = subprocess.run(
-		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S1r,S3j", "--servers", "product,reference,baseline"],
+		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S1r,S3j", "--servers", "product,gevent,reference,baseline"],
 		cwd=REPO,
 		capture_output=True,
 		text=True,
@@ -23,13 +23,14 @@ def test_quick_benchmark_runs_for_every_server():
 	path = REPO / result.stdout.strip().splitlines()[-1].removeprefix("full results: ")
 	cases = json.loads(path.read_text())["results"]
 	for scenario in ("S1", "S1r", "S3j"):
-		for server in ("product", "reference", "baseline"):
+		for server in ("product", "gevent", "reference", "baseline"):
 			(case,) = cases[scenario][server]
 			assert "error" not in case, (scenario, server, case.get("error"))
 			assert case["connect"]["failed"] == 0, (scenario, server)
 			assert case["exit_code"] == 0, (scenario, server)
 	for scenario in ("S1", "S1r"):
-		s1 = cases[scenario]["product"][0]["deliveries"]
-		assert s1["received"] == s1["expected"] > 0, scenario
+		for server in ("product", "gevent"):
+			s1 = cases[scenario][server][0]["deliveries"]
+			assert s1["received"] == s1["expected"] > 0, (scenario, server)
 	assert cases["S1"]["reference"][0]["deliveries"]["lost"] == 0
 	assert cases["S1"]["baseline"][0]["deliveries"]["lost"] == 0
