@@ -328,7 +328,7 @@ def test_bench_check_asks_frappe_and_publish_needs_no_server(site_bench, frappe_
 	token = make_token("waiter@example.com", SECRET)
 	valid = bench(site_bench, "--site", "site1.local", "excel-pos", "check", token)
 	assert valid.returncode == 0, valid.stderr
-	assert valid.stdout.startswith(f"valid: waiter@example.com (System User) on site site1.local, expires ")
+	assert valid.stdout.startswith("valid: waiter@example.com (System User) on site site1.local, expires ")
 	assert valid.stdout.strip().endswith(f"checked by Frappe at {frappe_standin.url}")
 	(call,) = frappe_standin.calls("frappe.realtime.get_user_info")
 	assert call["headers"]["x-frappe-site-name"] == "site1.local"

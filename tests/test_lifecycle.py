@@ -13,6 +13,8 @@ import time
 from harness import RedisServer, free_port, wait_for
 from test_connect import token
 
+from excel_restaurant_pos.auth import make_token
+
 APP_NS = "/excel_restaurant_pos/default"
 
 
@@ -176,11 +178,13 @@ def test_listens_on_a_unix_socket(tmp_path, redis_url):
 	import json as jsonlib
 
 	path = tmp_path / "realtime.sock"
-	env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXCEL_RESTAURANT_POS_")}, "EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 40}
-	process = subprocess.Popen(
-		[sys.executable, "-m", "excel_restaurant_pos.realtime", "--uds", str(path), "--redis-queue", redis_url],
-		cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-	)
+	env = {**os.environ, "EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 40}
+	log = tmp_path / "realtime.log"
+	with open(log, "wb") as output:
+		process = subprocess.Popen(
+			[sys.executable, "-m", "excel_restaurant_pos.realtime", "--uds", str(path), "--redis-queue", redis_url],
+			cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+		)
 
 	class UnixConnection(http.client.HTTPConnection):
 		def connect(self):
@@ -196,6 +200,7 @@ def test_listens_on_a_unix_socket(tmp_path, redis_url):
 		except OSError:
 			return None
 
+	websockets: list[socket.socket] = []
 	try:
 		wait_for(lambda: (health() or (None,))[0] == 200, 15, message="a healthy server on the unix socket")
 		code, body = health()
@@ -208,6 +213,37 @@ def test_listens_on_a_unix_socket(tmp_path, redis_url):
 		connection = UnixConnection("localhost", timeout=2)
 		connection.request("GET", "/socket.io/?EIO=4&transport=polling")
 		assert connection.getresponse().read().startswith(b"0{")  # an Engine.IO handshake
+		# Two websockets at once, which share the unix socket's one (empty) peer address.
+		for _ in range(2):
+			sock = socket.socket(socket.AF_UNIX)
+			sock.settimeout(5)
+			sock.connect(str(path))
+			sock.sendall(
+				b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+				b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+			)
+			websockets.append(sock)
+		for sock in websockets:
+			answer = b""
+			while b'"sid"' not in answer:  # the 101, then Engine.IO's open packet in a frame
+				answer += sock.recv(4096)
+			assert answer.startswith(b"HTTP/1.1 101")
+			connect = f'40/excel_restaurant_pos/default,{{"token":"{make_token("cook@example.com", "x" * 40)}"}}'.encode()
+			sock.sendall(masked_text_frame(connect))
+		wait_for(lambda: health()[1]["clients"] == 2, 10, message="two clients over the unix socket")
+		for sock in websockets:
+			sock.close()
+		wait_for(lambda: health()[1]["clients"] == 0, 10, message="both clients gone")
 	finally:
 		process.terminate()
 		assert process.wait(15) == 0
+		for sock in websockets:
+			sock.close()
+	assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+	"""A websocket text frame as a client sends it (masked; payloads under 64 KiB)."""
+	mask = os.urandom(4)
+	length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+	return b"\x81" + length + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))

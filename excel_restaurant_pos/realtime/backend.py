@@ -149,12 +149,22 @@ class Gevent(Backend):
 			# to drop it. The hook lets the app answer such a request as plain HTTP.
 			pre_start_hook=lambda handler: not accepting(),
 		)
+		server.clients = _Clients()
 		return server.serve_forever
 
 	def tcp_socket(self, environ: dict) -> Any:
 		websocket = environ.get("wsgi.websocket")
 		handler = getattr(websocket, "handler", None)
 		return getattr(handler, "socket", None)
+
+
+class _Clients(dict):
+	"""gevent-websocket's table of open websockets by peer address. Over a unix socket every
+	peer has the same (empty) address, so the second websocket to end would find its entry
+	gone and raise; here it is simply gone."""
+
+	def __delitem__(self, address: Any) -> None:
+		self.pop(address, None)
 
 
 BACKENDS: dict[str, type[Backend]] = {"eventlet": Eventlet, "gevent": Gevent}
