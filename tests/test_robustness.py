@@ -93,8 +93,10 @@ def test_slow_reader_is_cut_off_and_fast_clients_keep_their_latency(realtime, js
 	assert latencies[-1] < 1000, f"max probe latency {latencies[-1]:.0f} ms"
 	grown = server.rss_bytes() - rss_before
 	assert grown < 20 * 1024 * 1024, f"server grew {grown / 1e6:.1f} MB for a client that never read"
-	unsent_at_cut = int(re.search(r"slow client cut off \(over budget\): (\d+) bytes", server.log())[1])
-	assert unsent_at_cut < 2 * 4 * 1024 * 1024, f"cut only at {unsent_at_cut / 1e6:.1f} MB unsent"  # right past the budget
+	# Cut by the budget right past it, or (on a machine too busy to fill it quickly) by the
+	# stall rule before it: either way, never far past what the process may hold.
+	unsent_at_cut = int(re.search(r"slow client cut off \((?:over budget|stalled)\): (\d+) bytes", server.log())[1])
+	assert unsent_at_cut < 2 * 4 * 1024 * 1024, f"cut only at {unsent_at_cut / 1e6:.1f} MB unsent"
 	assert server.metric("excel_pos_realtime_queued_bytes") < 256 * 1024
 	stalled.close()
 
