@@ -3,6 +3,7 @@ a real Redis that goes away and comes back."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -309,6 +310,40 @@ def test_bridge_survives_a_failing_delivery(start_bridge, redis_server, redis_ur
 
 	wait_for(lambda: [delivery.event for delivery in calls] == ["boom", "after"], 10, message="both deliveries")
 	assert running.bridge.connected
+
+
+def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge, redis_server, redis_url):
+	"""The server holds its writes while a batch is open, so one opens around what one read
+	returned, and none stays open while the reader waits on Redis for the next."""
+	client = redis_server.client()
+	running = start_bridge(redis_url)
+	seen: list[str] = []
+	batch_open = threading.Event()
+
+	@contextlib.contextmanager
+	def batch():
+		batch_open.set()
+		seen.append("open")
+		try:
+			yield
+		finally:
+			seen.append("close")
+			batch_open.clear()
+
+	running.bridge.deliver = lambda delivery: seen.append(delivery.event)
+	running.bridge.batch = batch
+	wait_for(lambda: running.bridge.ready, 10, message="log reader ready")
+
+	with client.pipeline(transaction=True) as appends:  # three entries the reader gets in one read
+		for event in ("first", "second", "third"):
+			log.append(appends, Delivery("site1.local", "app", "kitchen", event, {}), 100)
+		appends.execute()
+
+	wait_for(lambda: "third" in seen, 10, message="three deliveries")
+	reader_waits = lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in client.client_list())  # noqa: E731
+	wait_for(reader_waits, 10, message="the reader waiting on Redis again")
+	assert seen == ["open", "first", "second", "third", "close"]
+	assert not batch_open.is_set()
 
 
 def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeypatch, caplog):

@@ -9,6 +9,7 @@ import socket
 import time
 import types
 import warnings
+from typing import Any
 
 import pytest
 from engineio import packet
@@ -302,3 +303,140 @@ def test_responses_go_out_in_one_send_with_no_buffer_kept():
 	writer.close()
 	assert writer.closed
 	left.close(), right.close()
+
+
+# -- one send per client per batch ---------------------------------------------------------
+
+
+class CountingSocket:
+	"""A real socket whose sends are counted: what the kernel is asked to do per client."""
+
+	def __init__(self, sock: socket.socket):
+		self.sock = sock
+		self.sends = 0
+
+	def send(self, data: bytes) -> int:
+		self.sends += 1
+		return self.sock.send(data)
+
+	def sendall(self, data: bytes) -> None:
+		self.sends += 1
+		self.sock.sendall(data)
+
+
+def websocket_client(writes: transport.WriteBatch) -> tuple[Any, CountingSocket, socket.socket]:
+	"""A client queue on an upgraded websocket that takes direct writes, as
+	:func:`transport.serve_websocket` leaves it, with eventlet's own framing; the peer end of
+	its socket, to read what the client would."""
+	import eventlet.websocket
+
+	unsent = transport.UnsentData(1 << 20, lambda: None)
+	queue = transport.engineio_overrides(eventlet_driver._async, unsent, backend.Eventlet(), writes)["queue"]()
+	ours, peer = socket.socketpair()
+	ours.setblocking(False)
+	peer.settimeout(5)
+	counting = CountingSocket(ours)
+	framing = eventlet.websocket.RFC6455WebSocket(ours, {})
+	queue.websocket = types.SimpleNamespace(
+		_sendlock=Semaphore(), extensions=None, _pack_message=framing._pack_message, socket=types.SimpleNamespace(fd=counting, sendall=counting.sendall), close=peer.shutdown
+	)
+	queue.owner = types.SimpleNamespace(upgraded=True, upgrading=False, closed=False)
+	queue.self_draining = True
+	return queue, counting, peer
+
+
+def frames(peer: socket.socket, count: int) -> list[str]:
+	"""Read ``count`` short unmasked text frames, as the client would."""
+	data = b""
+	texts: list[str] = []
+	while len(texts) < count:
+		while len(data) < 2 or len(data) < 2 + data[1]:
+			data += peer.recv(4096)
+		assert data[0] == 0x81 and data[1] < 126, data
+		texts.append(data[2 : 2 + data[1]].decode())
+		data = data[2 + data[1] :]
+	return texts
+
+
+def drainer_done(queue: Any) -> None:
+	"""Let eventlet's hub run the queue's drainer (this test process is not monkey-patched)
+	until it has taken everything."""
+	import eventlet
+
+	wait_for(lambda: eventlet.sleep(0) or not queue.queue, 5, message="the drainer took every packet")
+
+
+def nothing_waiting(peer: socket.socket) -> bool:
+	peer.setblocking(False)
+	try:
+		peer.recv(1)
+	except BlockingIOError:
+		return True
+	finally:
+		peer.settimeout(5)
+	return False
+
+
+def test_a_batch_writes_each_clients_packets_in_one_send_in_order():
+	writes = transport.WriteBatch()
+	(first, first_sends, first_peer), (second, second_sends, second_peer) = websocket_client(writes), websocket_client(writes)
+	broadcast = message("to everyone")
+
+	with writes.batch():
+		for queue in (first, second):
+			queue.put(broadcast)
+		first.put(message("a"))
+		first.put(message("b"))
+		assert nothing_waiting(first_peer) and nothing_waiting(second_peer)
+
+	assert frames(first_peer, 3) == ["4to everyone", "4a", "4b"]
+	assert frames(second_peer, 1) == ["4to everyone"]
+	assert (first_sends.sends, second_sends.sends) == (1, 1)
+	assert nothing_waiting(first_peer)
+
+	first.put(message("after the batch"))  # goes out at once again
+	assert frames(first_peer, 1) == ["4after the batch"] and first_sends.sends == 2
+
+
+def test_the_end_of_a_stream_in_a_batch_comes_after_what_the_batch_held():
+	writes = transport.WriteBatch()
+	queue, counting, peer = websocket_client(writes)
+	queue.websocket.close = lambda: counting.sock.send(b"closed")  # what the client sees of the end
+
+	with writes.batch():
+		queue.put(message("a"))
+		queue.put(None)
+
+	drainer_done(queue)
+	assert peer.recv(100) == b"\x81\x024a" + b"closed"
+
+
+def test_a_client_cut_during_a_batch_is_sent_nothing_it_held():
+	writes = transport.WriteBatch()
+	queue, counting, peer = websocket_client(writes)
+
+	with writes.batch():
+		queue.put(message("a"))
+		queue.discard()
+		queue.put(message("b"))
+
+	assert counting.sends == 0 and nothing_waiting(peer)
+
+
+def test_a_batch_whose_socket_is_busy_when_it_closes_leaves_its_packets_queued_in_order():
+	"""The rest of an earlier frame is still being sent: what the batch held waits behind it
+	and goes out, in order, once the socket is free."""
+	writes = transport.WriteBatch()
+	queue, counting, peer = websocket_client(writes)
+
+	with writes.batch():
+		queue.put(message("a"))
+		queue.put(message("b"))
+		queue.websocket._sendlock.acquire()
+
+	assert counting.sends == 0
+	assert [item.data for item in queue.queue] == ["a", "b"]
+	queue.websocket._sendlock.release()
+	drainer_done(queue)
+	assert frames(peer, 2) == ["4a", "4b"]
+	assert queue.unsent_packets == 0

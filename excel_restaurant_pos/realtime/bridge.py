@@ -26,11 +26,12 @@ skipped; a lost Redis connection is retried with backoff and logged once per out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager
 
 from excel_restaurant_pos.realtime import log, metrics, rooms
 from excel_restaurant_pos.realtime.config import Config
@@ -120,9 +121,20 @@ class Bridge:
 	an outage reading resumes from it, so nothing appended meanwhile is skipped.
 	"""
 
-	def __init__(self, config: Config, redis_client: Any, holder: str, deliver: Callable[[Delivery], None], *, retry_max: float = 5.0):
+	def __init__(
+		self,
+		config: Config,
+		redis_client: Any,
+		holder: str,
+		deliver: Callable[[Delivery], None],
+		*,
+		batch: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+		retry_max: float = 5.0,
+	):
 		self.parser = Parser(config.sites, config.default_site)
 		self.deliver = deliver
+		#: Wraps the delivery of what one read of the log returned (the server's ``WriteBatch``).
+		self.batch = batch
 		#: Called with each message on the control channel, decoded (a dict).
 		self.on_control: Callable[[dict], None] = lambda message: None
 		self.retry_max = retry_max
@@ -265,8 +277,11 @@ class Bridge:
 		yield
 		while self._running:
 			streams = {log.log_key(site): self.positions[site] for site in self.sites}
-			for key, entries in client.xread(streams, count=log.BATCH, block=1000) or ():
-				self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)
+			read = client.xread(streams, count=log.BATCH, block=1000)
+			if read:
+				with self.batch():  # opened only once the read is back: it holds writes
+					for key, entries in read:
+						self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)
 
 	def _control(self, raw: bytes | str) -> None:
 		try:

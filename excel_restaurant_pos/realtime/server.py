@@ -104,7 +104,9 @@ class RealtimeServer:
 		self.budget_cut_pending = False
 		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
 		self.loop_blocked_until = 0.0
-		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent, self.backend)
+		#: Direct writes held while the log reader delivers one read's events (one send per client).
+		self.writes = transport.WriteBatch()
+		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent, self.backend, self.writes)
 		self.heartbeat = transport.Heartbeat(self.sio.eio)
 		self.sio.eio.sockets = transport.WatchedSockets(self.heartbeat, self.sio.eio.sockets)
 		self.sio_app = socketio.WSGIApp(self.sio)
@@ -113,7 +115,7 @@ class RealtimeServer:
 		self.redis = _redis_client(config.redis_queue)
 		#: This process, among those that share the Redis.
 		self.process = secrets.token_hex(4)
-		self.bridge = Bridge(config, self.redis, self.process, self.deliver)
+		self.bridge = Bridge(config, self.redis, self.process, self.deliver, batch=self.writes.batch)
 		self.recovery = Recovery(config, self.process, self.redis, self.bridge.positions, self.abort)
 		self.presence = Presence(self.redis, self.process, {"url": config.local_url, "host": socket.gethostname(), "pid": os.getpid()})
 		#: The last warnings and errors, listed by ``/health``.

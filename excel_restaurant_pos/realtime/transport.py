@@ -29,6 +29,13 @@ socket takes only part of is finished by a green thread that keeps the lock, so 
 (which takes the same lock) sends what follows only after it. For a broadcast the frame is
 built once and written to every client. A direct write is progress, as a packet taken is.
 
+One send per client per batch: the log reader takes events from Redis in batches, and under
+load a batch holds several events for the same client. While a :class:`WriteBatch` is open,
+packets that would be written directly are held per client instead, and when it closes each
+client's frames go out together in one ``send()``: a system call per client per batch, not
+per event. A batch is open only while the reader delivers what one read returned, so it adds
+no wait beyond that read's own delivery.
+
 What an idle connection costs: eventlet's HTTP protocol gives each connection a 16 KiB write
 buffer that an upgraded websocket keeps for its whole life, and Engine.IO sleeps a green
 thread per client between two pings (some 8 KiB of stack each). :func:`http_protocol`
@@ -44,11 +51,12 @@ packets wait (a socket that is not taking them, or an upgrade under way).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -104,11 +112,45 @@ class UnsentData:
 			self.total -= packet_size(packet)
 
 
-def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend) -> dict:
+class WriteBatch:
+	"""Packets held for direct writes while a batch of events is delivered, by client queue,
+	each client's written in one ``send()`` when the batch closes (see the module's docstring)."""
+
+	def __init__(self) -> None:
+		self.open = False
+		#: Client queue → the packets held for it, in order.
+		self.held: dict[Any, list[Any]] = {}
+
+	@contextlib.contextmanager
+	def batch(self) -> Iterator[None]:
+		"""Hold direct writes until the block ends; a batch inside a batch is part of it."""
+		if self.open:
+			yield
+			return
+		self.open = True
+		try:
+			yield
+		finally:
+			self.open = False
+			self.flush()
+
+	def flush(self) -> None:
+		"""Write what every client queue holds."""
+		held, self.held = self.held, {}
+		for queue, packets in held.items():
+			try:
+				queue.write_held(packets)
+			except Exception:  # one broken client must not keep the others' packets
+				logger.exception("held packets not written")
+
+
+def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend, writes: WriteBatch | None = None) -> dict:
 	"""A copy of Engine.IO's driver table with the client queue and the websocket wrapper in
 	place; Engine.IO builds each client's queue and websocket from this table. Direct writes
 	(and with them one green thread per websocket) need the backend's websocket to be one
-	whose frames can be written here; without it every packet goes through Engine.IO's writer."""
+	whose frames can be written here; without it every packet goes through Engine.IO's writer.
+	Direct writes are held while ``writes`` has a batch open."""
+	writes = writes if writes is not None else WriteBatch()
 	queue_class = async_drivers["queue"]
 	queue_empty = async_drivers["queue_empty"]
 	websocket_class = async_drivers["websocket"]
@@ -143,15 +185,41 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			self.drainer: Any = None
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-			if item is not None:  # None is Engine.IO's end-of-stream mark: always let it through
+			if item is None:  # Engine.IO's end-of-stream mark: always let it through, after what is held
+				held = writes.held.pop(self, None)
+				if held:
+					self.write_held(held)
+			else:
 				if self.discarded:
 					return
-				if self.websocket is not None and not self.queue and self.writer_idle() and self.write_now(item):
-					self.progress_at = time.monotonic()
-					return
-			super().put(item, block, timeout)
+				if self.websocket is not None:
+					held = writes.held.get(self)
+					if held is not None:
+						held.append(item)
+						return
+					if not self.queue and self.writer_idle():
+						if writes.open:
+							writes.held[self] = [item]
+							return
+						if self.write_now([item]):
+							return
+			self.enqueue(item)
+
+		def enqueue(self, item: Any) -> None:
+			"""Engine.IO's way: the packet waits here for the writer or the drainer."""
+			queue_class.put(self, item)
 			if self.self_draining:
 				self.drain()
+
+		def write_held(self, packets: list[Any]) -> None:
+			"""Write the packets a batch held, at once when the socket is still free for a
+			direct write, otherwise through the queue, in order either way."""
+			if self.discarded:
+				return
+			if self.websocket is not None and not self.queue and self.writer_idle() and self.write_now(packets):
+				return
+			for item in packets:
+				self.enqueue(item)
 
 		def writer_idle(self) -> bool:
 			"""Nothing is being sent from this queue, so a packet may go straight out."""
@@ -254,6 +322,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			"""Drop every waiting packet and take no more: nothing would send them. The end
 			mark stays, so the writer or a poll still sees the end of the stream."""
 			self.discarded = True
+			writes.held.pop(self, None)
 			marks = 0
 			while self.queue:
 				item = self.queue.popleft()
@@ -264,14 +333,17 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 				self.task_done()
 			self.queue.extend([None] * marks)
 
-		def write_now(self, item: Any) -> bool:
-			"""Write ``item`` without the writer, when that keeps the order; ``False`` when
-			it must go through the queue."""
+		def write_now(self, packets: list[Any]) -> bool:
+			"""Write ``packets`` without the writer, in one ``send()``, when that keeps the
+			order; ``False`` when they must go through the queue."""
 			owner, websocket = self.owner, self.websocket
 			if not owner.upgraded or owner.upgrading or owner.closed or not websocket._sendlock.acquire(blocking=False):
 				return False
 			try:
-				frame = websocket_frame(websocket, item)
+				if len(packets) == 1:
+					frame = websocket_frame(websocket, packets[0])
+				else:
+					frame = b"".join([websocket_frame(websocket, item) for item in packets])
 				try:
 					sent = websocket.socket.fd.send(frame)
 				except BlockingIOError:
@@ -283,6 +355,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 				websocket._sendlock.release()
 			else:
 				spawn(finish_frame, websocket, memoryview(frame)[sent:])
+			self.progress_at = time.monotonic()
 			return True
 
 	class TrackedWebSocket(websocket_class):
