@@ -69,6 +69,29 @@ def test_metrics_page(realtime, js, publish):
 	assert "excel_pos_realtime_slow_client_disconnects_total" in text
 
 
+def test_answers_on_a_kept_alive_connection_are_not_held_back(realtime):
+	"""Browsers and nginx keep HTTP connections alive, and a long-polling client makes one
+	request after another on the same connection. A response written in two pieces (gevent
+	sends the headers, then the body) waits under Nagle's algorithm for the client's delayed
+	acknowledgement of the first, at least 40 ms on Linux, on every request."""
+	import http.client
+	import statistics
+	import urllib.parse
+
+	server = realtime()
+	url = urllib.parse.urlsplit(server.url)
+	connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+	took = []
+	for _ in range(20):
+		started = time.monotonic()
+		connection.request("GET", "/health")
+		response = connection.getresponse()
+		assert response.status == 200 and b'"status": "ok"' in response.read()
+		took.append(time.monotonic() - started)
+	connection.close()
+	assert statistics.median(took) < 0.02, [f"{t * 1000:.1f} ms" for t in took]
+
+
 def test_sigterm_when_idle_exits_zero_quickly(realtime):
 	server = realtime()
 	started = time.monotonic()
