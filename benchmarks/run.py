@@ -89,6 +89,7 @@ class Scenario:
 	settle_s: float = 0.0  # wait before reading RSS after the connect phase
 	recover: bool = False  # every client asks for connection state recovery
 	processes: int = 1  # product server processes on one Redis, the clients dealt out among them
+	keep_alive: bool = False  # long-polling clients keep their HTTP connections, as browsers do
 
 	@property
 	def namespace(self) -> str:
@@ -120,13 +121,14 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
 		"S4": Scenario("S4", "paced room events, websocket", n(500), 10, int(50 * (2 if quick else 10)), 50.0),
 		"S4r": Scenario("S4r", "S4 with every client recovering", n(500), 10, int(50 * (2 if quick else 10)), 50.0, recover=True),
 		"S5": Scenario("S5", "paced room events, long-polling", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling"),
+		"S5k": Scenario("S5k", "S5 with keep-alive HTTP connections, as browsers poll", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling", keep_alive=True),
 		"S6": Scenario("S6", "idle websocket clients", n(10000), 100, concurrency=500, settle_s=3.0),
 		"S7": Scenario("S7", "room events at 1,000/s to rooms of 100, one product process", n(1000), 10, n(6000), 1000.0),
 		"S7x2": Scenario("S7x2", "S7 with two product processes on one Redis", n(1000), 10, n(6000), 1000.0, processes=2),
 	}
 
 
-ORDER_OF_SCENARIOS = ("S1", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S6", "S7", "S7x2")
+ORDER_OF_SCENARIOS = ("S1", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S5k", "S6", "S7", "S7x2")
 #: Scenarios of the product alone: the reference has no multi-process mode to compare.
 PRODUCT_ONLY = {"S7", "S7x2"}
 #: Product-only comparisons printed under the table: (base, variant, what the variant turns on).
@@ -248,6 +250,8 @@ class LoadGen:
 			self.command.append("--no-join")
 		if scenario.recover:
 			self.command.append("--recover")
+		if scenario.keep_alive:
+			self.command.append("--keep-alive")
 		self._err = open(log, "ab")
 		self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1, preexec_fn=_raise_nofile)
 		self.lines: queue.Queue[dict | None] = queue.Queue()
@@ -466,6 +470,7 @@ SHOWN = {
 	"S4": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S4r": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S5": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
+	"S5k": {"connected", "deliveries lost", "latency p50 ms", "latency p90 ms", "latency p99 ms", "latency max ms", "server CPU µs/delivery"},
 	"S6": {"connected", "failed connects", "connects/s", "RSS KiB/connection", "server CPU ms/connect"},
 	"S7": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},
 	"S7x2": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms"},

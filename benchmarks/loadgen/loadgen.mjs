@@ -19,6 +19,7 @@
 // Every phase has a deadline and the whole process exits by itself after --max-seconds.
 
 import { fork } from "node:child_process";
+import { Agent } from "node:http";
 import { readFileSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
@@ -60,6 +61,7 @@ function parseArgs(argv) {
 			case "--via": opts.via = value(); break;
 			case "--no-join": opts.join = false; break;
 			case "--recover": opts.recover = true; break;
+			case "--keep-alive": opts.keepAlive = true; break;
 			case "--worker": opts.worker = true; break;
 			default: throw new Error(`unknown option ${flag}`);
 		}
@@ -81,6 +83,7 @@ function percentile(sorted, p) {
 
 function runWorker(opts) {
 	const sockets = [];
+	const keepAliveAgent = new Agent({ keepAlive: true });
 	let armed = false;
 	let received = 0;
 	let latencies = [];
@@ -98,6 +101,9 @@ function runWorker(opts) {
 			// it is offered only when asked, so "off" means the extension is never negotiated.
 			perMessageDeflate: opts.deflate ? { threshold: 1024 } : false,
 		};
+		// Node's client opens a new connection for every poll unless given an agent; a
+		// browser keeps its connections to the server alive between polls.
+		if (opts.keepAlive) options.agent = keepAliveAgent;
 		if (opts.via === "header") options.extraHeaders = { Authorization: `Bearer ${token}` };
 		else options.auth = { token };
 		// Connection state recovery, as the README shows it (the header carries no options).
