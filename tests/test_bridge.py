@@ -339,7 +339,7 @@ def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge
 			log.append(appends, Delivery("site1.local", "app", "kitchen", event, {}), 100)
 		appends.execute()
 
-	wait_for(lambda: "third" in seen, 10, message="three deliveries")
+	wait_for(lambda: "close" in seen, 10, message="three deliveries and the batch closed")
 	reader_waits = lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in client.client_list())  # noqa: E731
 	wait_for(reader_waits, 10, message="the reader waiting on Redis again")
 	assert seen == ["open", "first", "second", "third", "close"]
