@@ -517,12 +517,15 @@ class SocketWriter:
 
 
 def http_protocol() -> type:
-	"""eventlet's HTTP protocol, writing with :class:`SocketWriter` and reading through a
-	smaller buffer (for the ``protocol`` argument of ``eventlet.wsgi.server``). A connection whose writer is not the buffered file
-	eventlet makes today (TLS, a future eventlet) keeps eventlet's own."""
+	"""eventlet's HTTP protocol, with Nagle's algorithm off (see ``backend.no_delay``),
+	writing with :class:`SocketWriter` and reading through a smaller buffer (for the
+	``protocol`` argument of ``eventlet.wsgi.server``). A connection whose writer is not the
+	buffered file eventlet makes today (TLS, a future eventlet) keeps eventlet's own."""
 	import io
 
 	import eventlet.wsgi
+
+	from excel_restaurant_pos.realtime.backend import no_delay
 
 	class HttpProtocol(eventlet.wsgi.HttpProtocol):
 		#: The read buffer, which an upgraded websocket also keeps for its life (eventlet's
@@ -532,6 +535,7 @@ def http_protocol() -> type:
 
 		def setup(self) -> None:
 			super().setup()
+			no_delay(self.connection)
 			if isinstance(self.wfile, io.BufferedWriter) and hasattr(self.connection, "sendall"):
 				self.wfile.close()  # the raw socket stays open: the protocol closes it at the end
 				self.wfile = SocketWriter(self.connection)
