@@ -17,11 +17,13 @@ from pathlib import Path
 import click
 import jwt
 import pytest
+import redis
 from conftest import OTHER_SECRET, SECRET
 from harness import free_port, make_bench, wait_for
 
 from excel_restaurant_pos.auth import make_token, verify_token
 from excel_restaurant_pos.realtime import log
+from excel_restaurant_pos.realtime.utils import APP_CHANNEL
 
 APP_NS = "/excel_restaurant_pos/default"
 BENCH_CLI = Path(__file__).parent / "frappe_bench_cli.py"
@@ -158,6 +160,10 @@ def test_publish_reaches_the_javascript_client(realtime, js, redis_url):
 	env = shell_env(redis_url)
 	js.connect("kds", server.url + APP_NS, token=make_token("cook@example.com", SECRET, user_type="System User"))
 	js.emit("kds", "room:join", "kitchen")
+	# The count is of every server on this Redis; an earlier test's, just killed, may not be
+	# gone from Redis's subscribers yet.
+	listening = redis.Redis.from_url(redis_url)
+	wait_for(lambda: listening.pubsub_numsub(APP_CHANNEL)[0][1] == 1, 10, message="this test's server alone listening")
 
 	sent = excel_pos("publish", "order:new", '{"order_id": "ORD-7", "items": [1, 2]}', "--room", "kitchen", env=env)
 	assert (sent.returncode, sent.stdout.strip()) == (0, "published order:new to room kitchen on site default; 1 server listening"), sent.stderr
