@@ -440,3 +440,39 @@ def test_a_batch_whose_socket_is_busy_when_it_closes_leaves_its_packets_queued_i
 	drainer_done(queue)
 	assert frames(peer, 2) == ["4a", "4b"]
 	assert queue.unsent_packets == 0
+
+
+@pytest.mark.parametrize("length", [0, 5, 125, 126, 200, 65535, 65536, 70000])
+def test_gevent_frames_are_gevent_websockets_own(length):
+	"""Direct writes on gevent frame a packet as gevent-websocket itself would, at every
+	length encoding (RFC 6455 §5.2: 7 bits, 16 bits, 64 bits)."""
+	from geventwebsocket.websocket import Header
+
+	text = "x" * length
+	assert backend._GeventWebSocket._pack_message(text) == Header.encode_header(True, 0x1, b"", length, 0) + text.encode()
+	data = b"\x00" * length
+	assert backend._GeventWebSocket._pack_message(data) == Header.encode_header(True, 0x2, b"", length, 0) + data
+
+
+def test_gevent_websockets_own_writes_wait_for_a_direct_write_and_without_its_parts_there_are_none():
+	"""A pong or close gevent-websocket writes itself must not land inside a frame a direct
+	write is still finishing: they take the same send lock. Without the parts the backend
+	wraps (another release), Engine.IO's writer sends every packet."""
+	import gevent
+
+	written: list[bytes] = []
+	green = types.SimpleNamespace(_sock=object(), sendall=written.append, settimeout=lambda timeout: None)
+	frames = types.SimpleNamespace(raw_write=written.append, handler=types.SimpleNamespace(socket=green))
+	direct = backend.Gevent().direct_websocket(types.SimpleNamespace(_sock=frames))
+	assert transport.direct_writes_possible(direct)
+
+	direct._sendlock.acquire()  # a direct write is being finished
+	pong = gevent.spawn(frames.raw_write, b"pong")
+	gevent.sleep(0)
+	assert written == []
+	direct._sendlock.release()
+	pong.join(5)
+	assert written == [b"pong"]
+
+	assert backend.Gevent().direct_websocket(types.SimpleNamespace()) is None
+	assert backend.Gevent().direct_websocket(types.SimpleNamespace(_sock=types.SimpleNamespace(raw_write=None, handler=types.SimpleNamespace(socket=object())))) is None

@@ -10,7 +10,7 @@ driver's queue and thread). What differs between the two is here, and nowhere el
 * the websocket. eventlet's has the send lock and frame packer the transport's direct writes
   use (:mod:`~excel_restaurant_pos.realtime.transport`). gevent's is gevent-websocket's, the
   handler Engine.IO's gevent driver takes and Frappe's own Python realtime server runs: it
-  has neither, so under gevent every packet goes through Engine.IO's writer;
+  has neither, so they are added around it here;
 * where a connection's TCP socket is found in the WSGI environ (the stall rule reads what its
   peer acknowledged; a cut shuts it).
 
@@ -64,8 +64,11 @@ class Backend:
 		then sends the client to another process)."""
 		raise NotImplementedError
 
-	def direct_websocket(self) -> type | None:
-		"""The websocket class whose frames the transport may write itself, if any."""
+	def direct_websocket(self, websocket: Any) -> Any | None:
+		"""The websocket Engine.IO hands its handler, as one whose frames the transport may
+		write itself (a send lock every writer takes, a frame packer, the raw socket; see
+		:func:`~excel_restaurant_pos.realtime.transport.direct_writes_possible`), or ``None``
+		when it cannot be: then Engine.IO's writer sends every packet."""
 		return None
 
 	def tcp_socket(self, environ: dict) -> Any:
@@ -108,10 +111,12 @@ class Eventlet(Backend):
 			log=logging.getLogger("excel_restaurant_pos.realtime.http"),
 		)
 
-	def direct_websocket(self) -> type | None:
+	def direct_websocket(self, websocket: Any) -> Any | None:
 		from eventlet.websocket import RFC6455WebSocket
 
-		return RFC6455WebSocket
+		from excel_restaurant_pos.realtime.transport import direct_writes_possible
+
+		return websocket if isinstance(websocket, RFC6455WebSocket) and direct_writes_possible(websocket) else None
 
 	def tcp_socket(self, environ: dict) -> Any:
 		wsgi_input = environ.get("eventlet.input")
@@ -173,6 +178,72 @@ class Gevent(Backend):
 		websocket = environ.get("wsgi.websocket")
 		handler = getattr(websocket, "handler", None)
 		return getattr(handler, "socket", None)
+
+	def direct_websocket(self, websocket: Any) -> Any | None:
+		# Engine.IO's gevent wrapper keeps gevent-websocket's socket as ``_sock``; gevent's
+		# socket keeps the raw one, non-blocking, as ``_sock``. Without either (another
+		# release), Engine.IO's writer sends every packet.
+		frames = getattr(websocket, "_sock", None)
+		green = getattr(getattr(frames, "handler", None), "socket", None)
+		if getattr(green, "_sock", None) is None or not hasattr(frames, "raw_write"):
+			return None
+		return _GeventWebSocket(websocket, frames, green)
+
+
+class _GeventWebSocket:
+	"""gevent-websocket's socket with what direct writes use, as eventlet's websocket has
+	them: one send lock that every write takes (gevent-websocket's own frames, pongs and
+	close included, through its ``raw_write``), a frame packer and the raw socket.
+	gevent-websocket frames without compression, so ``extensions`` is empty."""
+
+	extensions = None
+
+	def __init__(self, wrapper: Any, frames: Any, green: Any):
+		from gevent.lock import Semaphore
+
+		self.wrapper = wrapper
+		self._sendlock = Semaphore()
+		self.socket = _RawSocket(green)
+		sendall = frames.raw_write
+
+		def locked_write(data: bytes) -> None:
+			with self._sendlock:
+				sendall(data)
+
+		frames.raw_write = locked_write
+
+	@staticmethod
+	def _pack_message(message: str | bytes) -> bytes:
+		"""A final, unmasked frame: text for ``str``, binary for ``bytes`` (RFC 6455 §5.2)."""
+		opcode = 0x81 if isinstance(message, str) else 0x82
+		payload = message.encode() if isinstance(message, str) else bytes(message)
+		length = len(payload)
+		if length < 126:
+			header = bytes((opcode, length))
+		elif length < 1 << 16:
+			header = bytes((opcode, 126)) + length.to_bytes(2, "big")
+		else:
+			header = bytes((opcode, 127)) + length.to_bytes(8, "big")
+		return header + payload
+
+	def send(self, message: str | bytes) -> None:
+		self.wrapper.send(message)
+
+	def wait(self) -> Any:
+		return self.wrapper.wait()
+
+	def close(self) -> None:
+		self.wrapper.close()
+
+
+class _RawSocket:
+	"""The client's socket for direct writes: ``fd`` sends without waiting (the raw,
+	non-blocking socket), ``sendall`` waits as a green thread."""
+
+	def __init__(self, green: Any):
+		self.fd = green._sock
+		self.sendall = green.sendall
+		self.settimeout = green.settimeout
 
 
 class _Clients(dict):

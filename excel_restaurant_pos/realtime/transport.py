@@ -155,7 +155,6 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 	queue_empty = async_drivers["queue_empty"]
 	websocket_class = async_drivers["websocket"]
 	thread_class = async_drivers["thread"]
-	direct_class = backend.direct_websocket()
 
 	def spawn(function: Callable, *args: Any) -> Any:
 		thread = thread_class(target=function, args=args)
@@ -183,6 +182,8 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			self.self_draining = False
 			#: The green thread draining it, while packets wait.
 			self.drainer: Any = None
+			#: Writers (or polls) waiting in :meth:`get` for a packet.
+			self.waiting = 0
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
 			if item is None:  # Engine.IO's end-of-stream mark: always let it through, after what is held
@@ -223,7 +224,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 
 		def writer_idle(self) -> bool:
 			"""Nothing is being sent from this queue, so a packet may go straight out."""
-			return self.drainer is None if self.self_draining else bool(self.getters)
+			return self.drainer is None if self.self_draining else self.waiting > 0
 
 		def drain(self) -> None:
 			"""Start a green thread that sends what waits here, unless one runs or the
@@ -270,7 +271,13 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 				# idle moment. A peer that went silent is closed by the ping check and the
 				# reader's socket timeout instead, both of which wake the writer with the end mark.
 				timeout = None
-			return super().get(block, timeout)
+			if not block:
+				return super().get(block, timeout)
+			self.waiting += 1
+			try:
+				return super().get(block, timeout)
+			finally:
+				self.waiting -= 1
 
 		def _put(self, item: Any) -> None:
 			if item is not None:
@@ -366,13 +373,13 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			owner = getattr(handler, "__self__", None)
 
 			def run(websocket: Any) -> Any:
-				direct = direct_class is not None and isinstance(websocket, direct_class) and direct_writes_possible(websocket)
+				direct = backend.direct_websocket(websocket)
 				owner.queue.owner = owner
-				if direct:
-					owner.queue.websocket = websocket
+				if direct is not None:
+					owner.queue.websocket = direct
 				try:
-					if direct and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
-						return serve_websocket(owner, websocket)
+					if direct is not None and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
+						return serve_websocket(owner, direct)
 					return handler(websocket)
 				finally:  # the connection is over, or its upgrade failed and polling goes on
 					owner.queue.websocket = None
@@ -463,8 +470,9 @@ def serve_websocket(eio_socket: Any, websocket: Any) -> list:
 
 
 def direct_writes_possible(websocket: Any) -> bool:
-	"""Whether eventlet's websocket has the private parts direct writes use (its send lock,
-	frame packer and raw socket). Without them, as in an eventlet release that changed them,
+	"""Whether a websocket has what direct writes use: a send lock every writer takes, a frame
+	packer and the raw socket (eventlet's has them as private parts; the gevent backend adds
+	them around gevent-websocket's). Without them, as in a release that changed them,
 	Engine.IO's writer sends every packet, as it does without this module."""
 	return all(hasattr(websocket, name) for name in ("_sendlock", "_pack_message", "extensions")) and hasattr(getattr(websocket, "socket", None), "fd")
 
