@@ -24,13 +24,15 @@ stuck in ``send()`` to a peer that no longer reads.
 Direct writes: Engine.IO hands every packet to the client's writer green thread through the
 queue, which costs a hub timer and two green-thread switches per packet delivered. When the
 writer is idle (waiting on an empty queue) and the socket takes the whole frame at once, the
-frame is written straight away instead, with the websocket's own send lock held; a frame the
+frame is written straight away instead, with the websocket's send lock held (eventlet's own;
+on gevent one the backend adds, see :mod:`~excel_restaurant_pos.realtime.backend`); a frame the
 socket takes only part of is finished by a green thread that keeps the lock, so the writer
 (which takes the same lock) sends what follows only after it. For a broadcast the frame is
 built once and written to every client. A direct write is progress, as a packet taken is.
 
-One send per client per batch: the log reader takes events from Redis in batches, and under
-load a batch holds several events for the same client. While a :class:`WriteBatch` is open,
+One send per client per batch: the log reader takes events from Redis in batches, and when
+events were published together (a Frappe commit's) or a backlog waits, a batch holds several
+for the same client. While a :class:`WriteBatch` is open,
 packets that would be written directly are held per client instead, and when it closes each
 client's frames go out together in one ``send()``: a system call per client per batch, not
 per event. A batch is open only while the reader delivers what one read returned, so it adds
