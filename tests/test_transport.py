@@ -448,10 +448,13 @@ def test_gevent_frames_are_gevent_websockets_own(length):
 	length encoding (RFC 6455 §5.2: 7 bits, 16 bits, 64 bits)."""
 	from geventwebsocket.websocket import Header
 
+	green = types.SimpleNamespace(_sock=object(), sendall=None, settimeout=None)
+	frames = types.SimpleNamespace(raw_write=None, handler=types.SimpleNamespace(socket=green))
+	direct = backend.Gevent().direct_websocket(types.SimpleNamespace(_sock=frames))
 	text = "x" * length
-	assert backend._GeventWebSocket._pack_message(text) == Header.encode_header(True, 0x1, b"", length, 0) + text.encode()
+	assert direct._pack_message(text) == Header.encode_header(True, 0x1, b"", length, 0) + text.encode()
 	data = b"\x00" * length
-	assert backend._GeventWebSocket._pack_message(data) == Header.encode_header(True, 0x2, b"", length, 0) + data
+	assert direct._pack_message(data) == Header.encode_header(True, 0x2, b"", length, 0) + data
 
 
 def test_gevent_websockets_own_writes_wait_for_a_direct_write_and_without_its_parts_there_are_none():

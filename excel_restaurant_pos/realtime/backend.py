@@ -200,8 +200,10 @@ class _GeventWebSocket:
 
 	def __init__(self, wrapper: Any, frames: Any, green: Any):
 		from gevent.lock import Semaphore
+		from geventwebsocket.websocket import Header
 
 		self.wrapper = wrapper
+		self.encode_header = Header.encode_header
 		self._sendlock = Semaphore()
 		self.socket = _RawSocket(green)
 		sendall = frames.raw_write
@@ -212,19 +214,12 @@ class _GeventWebSocket:
 
 		frames.raw_write = locked_write
 
-	@staticmethod
-	def _pack_message(message: str | bytes) -> bytes:
-		"""A final, unmasked frame: text for ``str``, binary for ``bytes`` (RFC 6455 §5.2)."""
-		opcode = 0x81 if isinstance(message, str) else 0x82
-		payload = message.encode() if isinstance(message, str) else bytes(message)
-		length = len(payload)
-		if length < 126:
-			header = bytes((opcode, length))
-		elif length < 1 << 16:
-			header = bytes((opcode, 126)) + length.to_bytes(2, "big")
-		else:
-			header = bytes((opcode, 127)) + length.to_bytes(8, "big")
-		return header + payload
+	def _pack_message(self, message: str | bytes) -> bytes:
+		"""A final, unmasked frame as gevent-websocket writes one: text for ``str``, binary
+		for ``bytes``."""
+		text = isinstance(message, str)
+		payload = message.encode() if text else bytes(message)
+		return self.encode_header(True, 0x1 if text else 0x2, b"", len(payload), 0) + payload
 
 	def send(self, message: str | bytes) -> None:
 		self.wrapper.send(message)

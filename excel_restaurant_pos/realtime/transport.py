@@ -125,10 +125,7 @@ class WriteBatch:
 
 	@contextlib.contextmanager
 	def batch(self) -> Iterator[None]:
-		"""Hold direct writes until the block ends; a batch inside a batch is part of it."""
-		if self.open:
-			yield
-			return
+		"""Hold direct writes until the block ends."""
 		self.open = True
 		try:
 			yield
@@ -195,17 +192,16 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			else:
 				if self.discarded:
 					return
-				if self.websocket is not None:
-					held = writes.held.get(self)
-					if held is not None:
-						held.append(item)
+				held = writes.held.get(self)
+				if held is not None:
+					held.append(item)
+					return
+				if self.can_write_now():
+					if writes.open:
+						writes.held[self] = [item]
 						return
-					if not self.queue and self.writer_idle():
-						if writes.open:
-							writes.held[self] = [item]
-							return
-						if self.write_now([item]):
-							return
+					if self.write_now([item]):
+						return
 			self.enqueue(item)
 
 		def enqueue(self, item: Any) -> None:
@@ -219,14 +215,16 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			direct write, otherwise through the queue, in order either way."""
 			if self.discarded:
 				return
-			if self.websocket is not None and not self.queue and self.writer_idle() and self.write_now(packets):
+			if self.can_write_now() and self.write_now(packets):
 				return
 			for item in packets:
 				self.enqueue(item)
 
-		def writer_idle(self) -> bool:
-			"""Nothing is being sent from this queue, so a packet may go straight out."""
-			return self.drainer is None if self.self_draining else self.waiting > 0
+		def can_write_now(self) -> bool:
+			"""A websocket that takes direct writes, with nothing waiting here and nothing
+			being sent from here, so a packet may go straight out."""
+			idle = self.drainer is None if self.self_draining else self.waiting > 0
+			return self.websocket is not None and not self.queue and idle
 
 		def drain(self) -> None:
 			"""Start a green thread that sends what waits here, unless one runs or the
