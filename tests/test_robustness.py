@@ -446,3 +446,22 @@ def test_silent_http_connections_are_closed_and_free_their_slot(realtime, js, pu
 	publish.publish_event("still:here", {"n": 1})
 	assert js.wait_event("poller", "still:here") == [{"n": 1}]
 	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+
+
+def test_a_websocket_holds_its_slot_for_its_life_and_a_silent_one_gives_it_back(realtime):
+	"""An upgraded websocket counts against ``max_connections`` until it closes, however the
+	server reads it, and one whose peer went silent (a tablet whose Wi-Fi died) is closed by
+	the ping check and frees its slot."""
+	server = realtime(max_connections=1, ping_interval=2, ping_timeout=2)
+	silent = StalledClient(server.port, token("silent@example.com"))
+	waiting = socket.create_connection(("127.0.0.1", server.port), timeout=1)
+	waiting.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	with pytest.raises(socket.timeout):
+		waiting.recv(1024)  # the only slot is the websocket's
+	waiting.settimeout(20)
+	assert waiting.recv(1024).startswith(b"HTTP/1.1 200 "), "the silent websocket's slot was not given back"
+	waiting.close()
+	silent.ws.sock.settimeout(5)
+	while silent.ws.sock.recv(65536):  # what it never read, then the end of the connection
+		pass
+	silent.close()

@@ -15,7 +15,7 @@ import pytest
 from engineio import packet
 from harness import wait_for
 
-from excel_restaurant_pos.realtime import backend, transport
+from excel_restaurant_pos.realtime import backend, httpserver, transport
 from excel_restaurant_pos.realtime.config import load_config
 from excel_restaurant_pos.realtime.server import RealtimeServer
 from excel_restaurant_pos.realtime.transport import packet_size
@@ -236,6 +236,23 @@ def test_the_reader_only_handler_needs_engineios_socket_and_does_without_it():
 	assert not transport.reader_only_possible(types.SimpleNamespace(server=server))
 
 
+def test_detaching_needs_eventlets_connection_state_and_does_without_it():
+	"""A protocol without the connection state eventlet's server closes when a request ends
+	(another release) offers no way out of the request: its websockets are read by their
+	request's green thread."""
+	import eventlet.greenio
+
+	left, right = socket.socketpair()
+	green = eventlet.greenio.GreenSocket(left)
+	protocol = types.SimpleNamespace(connection=green, conn_state=[("peer", 0), green, "idle"])
+	assert httpserver.detach_possible(protocol)
+	protocol.conn_state = [("peer", 0), "idle"]
+	assert not httpserver.detach_possible(protocol)
+	del protocol.conn_state
+	assert not httpserver.detach_possible(protocol)
+	green.close(), right.close()
+
+
 class FakeEngineIO:
 	"""The part of an Engine.IO server the heartbeat uses: its interval, events and tasks."""
 
@@ -295,7 +312,7 @@ def test_one_heartbeat_pings_every_client_once_per_interval_in_order():
 
 def test_responses_go_out_in_one_send_with_no_buffer_kept():
 	left, right = socket.socketpair()
-	writer = transport.SocketWriter(left)
+	writer = httpserver.SocketWriter(left)
 	writer.writelines([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n", b"ok"])
 	writer.flush()
 	assert right.recv(100) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

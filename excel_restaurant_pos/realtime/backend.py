@@ -2,11 +2,12 @@
 
 The server, its handlers, the bridge and the transport are written once, against what
 python-socketio and Engine.IO give every backend (background tasks, sleeps, events, the
-driver's queue and thread). What differs between the two is here, and nowhere else:
+driver's queue and thread). What differs between the two is here (or reached from here), and nowhere else:
 
 * patching the standard library, once, at the entry point and before anything else;
 * the WSGI server that accepts connections, and how it bounds their number and their
-  silence before a request is complete;
+  silence before a request is complete (eventlet's, with websockets that leave their
+  request once upgraded, is in :mod:`~excel_restaurant_pos.realtime.httpserver`);
 * the websocket. eventlet's has the send lock and frame packer the transport's direct writes
   use (:mod:`~excel_restaurant_pos.realtime.transport`). gevent's is gevent-websocket's, the
   handler Engine.IO's gevent driver takes and Frappe's own Python realtime server runs: it
@@ -93,15 +94,16 @@ class Eventlet(Backend):
 
 		import eventlet.wsgi
 
-		from excel_restaurant_pos.realtime.transport import http_protocol
+		from excel_restaurant_pos.realtime.httpserver import ConnectionSlots, http_protocol
 
 		eventlet.wsgi.MAX_HEADER_LINE = max(eventlet.wsgi.MAX_HEADER_LINE, MAX_HEADER_LINE)
+		slots = ConnectionSlots(config.max_connections)
 		return lambda: eventlet.wsgi.server(
 			sock,
 			app,
 			log_output=False,
-			protocol=http_protocol(),
-			max_size=config.max_connections,
+			protocol=http_protocol(slots),
+			custom_pool=slots,
 			# Without these eventlet waits forever for a request: a connection that never
 			# sends one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a
 			# hostile peer) would hold a slot of max_connections, and with enough of them

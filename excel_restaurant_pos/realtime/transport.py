@@ -38,16 +38,15 @@ client's frames go out together in one ``send()``: a system call per client per 
 per event. A batch is open only while the reader delivers what one read returned, so it adds
 no wait beyond that read's own delivery.
 
-What an idle connection costs: eventlet's HTTP protocol gives each connection a 16 KiB write
-buffer that an upgraded websocket keeps for its whole life, and Engine.IO sleeps a green
-thread per client between two pings (some 8 KiB of stack each). :func:`http_protocol`
-writes responses without that buffer, and :class:`Heartbeat` pings every client from one
-green thread.
-
-One green thread per websocket: Engine.IO runs a reader and a writer for each. With direct
-writes the writer only waits, so :func:`serve_websocket` runs Engine.IO's websocket
-handler with its reader alone, and a queue starts a green thread to drain itself only while
-packets wait (a socket that is not taking them, or an upgrade under way).
+What an idle connection costs: Engine.IO sleeps a green thread per client between two
+pings, and runs a reader and a writer green thread for each websocket. :class:`Heartbeat`
+pings every client from one green thread. With direct writes the writer only waits, so
+:func:`serve_websocket` runs Engine.IO's websocket handler with its reader alone, and a queue
+starts a green thread to drain itself only while packets wait (a socket that is not taking
+them, or an upgrade under way). On eventlet the reader goes too: once upgraded, the
+websocket leaves its HTTP request (see :mod:`~excel_restaurant_pos.realtime.httpserver`) and
+:class:`WebSocketReader` reads it only when the hub sees something arrive, so an idle
+websocket has no green thread at all.
 """
 
 from __future__ import annotations
@@ -60,6 +59,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from excel_restaurant_pos.realtime.httpserver import DETACH
 
 if TYPE_CHECKING:
 	from excel_restaurant_pos.realtime.backend import Backend
@@ -183,6 +184,8 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			self.drainer: Any = None
 			#: Writers (or polls) waiting in :meth:`get` for a packet.
 			self.waiting = 0
+			#: The websocket's connection once detached from its HTTP request (eventlet).
+			self.connection: Any = None
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
 			if item is None:  # Engine.IO's end-of-stream mark: always let it through, after what is held
@@ -241,16 +244,24 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 					item = queue_class.get(self, False)
 					self.task_done()
 					if item is None:
-						websocket.close()
+						self.close_websocket(websocket)
 						return
 					frame = websocket_frame(websocket, item)
 					with websocket._sendlock:
 						websocket.socket.sendall(frame)
 			except Exception as exc:
 				logger.debug("websocket write failed: %s", exc)  # the reader sees the closed socket
-				websocket.close()
+				self.close_websocket(websocket)
 				return
 			self.drainer = None
+
+		def close_websocket(self, websocket: Any) -> None:
+			"""Close the websocket as Engine.IO's writer does (the closing frame, then the
+			socket); a detached connection also leaves the hub and gives back its slot."""
+			if self.connection is None:
+				websocket.close()
+			else:
+				self.connection.close(websocket.close)
 
 		def drained(self) -> None:
 			"""Wait for the drainer to finish (it ends at the end mark)."""
@@ -370,103 +381,194 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 		queue for direct writes."""
 
 		def __init__(self, handler: Any, server: Any):
-			owner = getattr(handler, "__self__", None)
+			self.owner = getattr(handler, "__self__", None)
+			self.engineio_handler = handler
+			#: How the connection may leave its HTTP request, where the server offers it.
+			self.detach: Callable[[], Any] | None = None
+			super().__init__(self.run if self.owner is not None else handler, server)
 
-			def run(websocket: Any) -> Any:
-				direct = backend.direct_websocket(websocket)
-				owner.queue.owner = owner
-				if direct is not None:
-					owner.queue.websocket = direct
-				try:
-					if direct is not None and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
-						return serve_websocket(owner, direct)
-					return handler(websocket)
-				finally:  # the connection is over, or its upgrade failed and polling goes on
+		def run(self, websocket: Any) -> Any:
+			owner, handler = self.owner, self.engineio_handler
+			direct = backend.direct_websocket(websocket)
+			owner.queue.owner = owner
+			if direct is not None:
+				owner.queue.websocket = direct
+			try:
+				if direct is not None and getattr(handler, "__name__", "") == "_websocket_handler" and reader_only_possible(owner):
+					return serve_websocket(owner, direct, self.detach)
+				return handler(websocket)
+			finally:
+				if owner.queue.connection is None:  # the connection is over, or its upgrade failed and polling goes on
 					owner.queue.websocket = None
-
-			super().__init__(run if owner is not None else handler, server)
-			self.owner = owner
+				else:  # detached and open: the handler that returns now must not close it
+					websocket._send_closing_frame = _no_closing_frame
 
 		def __call__(self, environ: dict, start_response: Any) -> Any:
 			if self.owner is not None:
 				sock = self.owner.transport_socket = backend.tcp_socket(environ)
 				if sock is not None:  # as Engine.IO sets where it can reach the socket itself
 					sock.settimeout(self.owner.server.ping_interval + self.owner.server.ping_timeout)
-			return super().__call__(environ, start_response)
+				self.detach = environ.get(DETACH)
+			try:
+				return super().__call__(environ, start_response)
+			finally:
+				websocket = getattr(getattr(self.owner, "queue", None), "websocket", None)
+				if websocket is not None:
+					websocket.__dict__.pop("_send_closing_frame", None)  # the drainer closes it at the end
 
 	return {**async_drivers, "queue": ClientQueue, "websocket": TrackedWebSocket}
+
+
+def _no_closing_frame(*args: Any, **kwargs: Any) -> None:
+	"""Stands for a detached websocket's ``_send_closing_frame`` while eventlet's handler returns."""
 
 
 def reader_only_possible(eio_socket: Any) -> bool:
 	"""Whether an Engine.IO socket has what :func:`serve_websocket` uses; without it (an
 	Engine.IO release that changed them) Engine.IO's own handler and writer run."""
-	names = ("connected", "upgraded", "upgrading", "closed", "receive", "close", "queue")
+	names = ("sid", "connected", "upgraded", "upgrading", "closed", "receive", "close", "queue")
 	server = getattr(eio_socket, "server", None)
 	return all(hasattr(eio_socket, name) for name in names) and all(
-		hasattr(server, name) for name in ("max_http_buffer_size", "ping_interval", "ping_timeout", "reason", "logger")
+		hasattr(server, name) for name in ("max_http_buffer_size", "ping_interval", "ping_timeout", "reason", "logger", "sockets")
 	)
 
 
-def serve_websocket(eio_socket: Any, websocket: Any) -> list:
+def serve_websocket(eio_socket: Any, websocket: Any, detach: Callable[[], Any] | None = None) -> list:
 	"""Engine.IO's websocket handler with a reader and no writer: the probe and upgrade of
 	a polling session (or a websocket from the start), then every packet the client sends,
 	until the connection ends. What the server sends goes straight out from the emit, or
 	through the queue's own drainer while the socket is not taking it (see
-	``ClientQueue.drain``)."""
-	from engineio import exceptions, packet
+	``ClientQueue.drain``). Given ``detach`` (eventlet's server offers it, see
+	:mod:`~excel_restaurant_pos.realtime.httpserver`), the connection leaves its request once
+	upgraded and is read only when the client sends something."""
+	reader = WebSocketReader(eio_socket, websocket)
+	websocket.socket.settimeout(eio_socket.server.ping_interval + eio_socket.server.ping_timeout)
+	if not reader.upgrade():
+		return []
+	queue = eio_socket.queue
+	queue.self_draining = True
+	queue.drain()  # what waited for the upgrade to finish
+	if detach is not None:
+		reader.detach(detach())
+	else:
+		reader.run()
+	return []
 
-	server, queue = eio_socket.server, eio_socket.queue
 
-	def wait() -> Any:
-		data = websocket.wait()
-		if data and len(data) > server.max_http_buffer_size:
+class WebSocketReader:
+	"""What a client sends on its websocket, handed to Engine.IO one message at a time.
+
+	Either the connection's own green thread reads until the end (:meth:`run`), blocked in
+	``recv`` between messages, or, once the connection is detached, the hub watches the
+	socket and a green thread exists only while something arrives (:meth:`read_ready`): an
+	idle websocket then costs no green thread at all. A message that arrives in pieces is
+	waited for with the socket's timeout either way.
+	"""
+
+	def __init__(self, eio_socket: Any, websocket: Any):
+		self.eio_socket = eio_socket
+		self.websocket = websocket
+		self.server = eio_socket.server
+		#: The detached connection, once its request has ended.
+		self.connection: Any = None
+
+	def wait(self) -> Any:
+		data = self.websocket.wait()
+		if data and len(data) > self.server.max_http_buffer_size:
 			raise ValueError("packet is too large")
 		return data
 
-	websocket.socket.settimeout(server.ping_interval + server.ping_timeout)
-	if eio_socket.connected:  # an upgrade from long-polling
+	def upgrade(self) -> bool:
+		"""The probe and upgrade of a polling session, as Engine.IO's handler does them, or
+		the start of a websocket-only one; ``False`` when the client fails the upgrade."""
+		from engineio import packet
+
+		eio_socket, server = self.eio_socket, self.server
+		if not eio_socket.connected:
+			eio_socket.connected = eio_socket.upgraded = True
+			return True
 		eio_socket.upgrading = True  # Engine.IO holds sends until the upgrade is done
-		probe = packet.Packet(encoded_packet=wait())
+		probe = packet.Packet(encoded_packet=self.wait())
 		if probe.packet_type != packet.PING or probe.data != "probe":
 			server.logger.info("%s: Failed websocket upgrade, no PING packet", eio_socket.sid)
 			eio_socket.upgrading = False
-			return []
-		websocket.send(packet.Packet(packet.PONG, data="probe").encode())
-		queue.put(packet.Packet(packet.NOOP))  # ends the poll under way
-		if packet.Packet(encoded_packet=wait()).packet_type != packet.UPGRADE:
+			return False
+		self.websocket.send(packet.Packet(packet.PONG, data="probe").encode())
+		eio_socket.queue.put(packet.Packet(packet.NOOP))  # ends the poll under way
+		if packet.Packet(encoded_packet=self.wait()).packet_type != packet.UPGRADE:
 			server.logger.info("%s: Failed websocket upgrade, expected UPGRADE packet", eio_socket.sid)
 			eio_socket.upgraded = eio_socket.upgrading = False
-			return []
+			return False
 		eio_socket.upgraded, eio_socket.upgrading = True, False
-	else:
-		eio_socket.connected = eio_socket.upgraded = True
-	queue.self_draining = True
-	queue.drain()  # what waited for the upgrade to finish
-	try:
-		while True:
-			try:
-				data = wait()
-			except Exception as exc:
-				if not eio_socket.closed:
-					server.logger.info('%s: Unexpected error "%s", closing connection', eio_socket.sid, exc)
-				break
-			if data is None:  # closed by the client
-				break
-			try:
-				eio_socket.receive(packet.Packet(encoded_packet=data))
-			except exceptions.UnknownPacketError:
+		return True
+
+	def receive(self) -> bool:
+		"""Read one message and hand it to Engine.IO; ``False`` once the connection is over."""
+		from engineio import exceptions, packet
+
+		eio_socket = self.eio_socket
+		try:
+			data = self.wait()
+		except Exception as exc:
+			if not eio_socket.closed:
+				self.server.logger.info('%s: Unexpected error "%s", closing connection', eio_socket.sid, exc)
+			return False
+		if data is None:  # closed by the client
+			return False
+		try:
+			eio_socket.receive(packet.Packet(encoded_packet=data))
+		except exceptions.UnknownPacketError:
+			pass
+		except exceptions.SocketIsClosedError:
+			return False
+		except Exception:
+			self.server.logger.exception("Unknown receive error")
+			return False
+		return True
+
+	def run(self) -> None:
+		"""Read until the connection ends, in the calling green thread."""
+		try:
+			while self.receive():
 				pass
-			except exceptions.SocketIsClosedError:
-				break
-			except Exception:
-				server.logger.exception("Unknown receive error")
-				break
-		queue.put(None)  # the drainer sends what waits, then closes the websocket
+		finally:
+			self.end()
+
+	def detach(self, connection: Any) -> None:
+		"""Hand the reading to the hub: the request's green thread may end."""
+		self.connection = self.eio_socket.queue.connection = connection
+		connection.watch(self.read_ready)
+
+	def read_ready(self) -> None:
+		"""Read what arrived, until a read would wait; then watch the socket again."""
+		try:
+			while self.receive():
+				if not self.connection.readable():
+					self.connection.watch(self.read_ready)
+					return
+		except BaseException:
+			self.end()
+			raise
+		self.end()
+
+	def end(self) -> None:
+		"""The connection is over: what waits is sent and the websocket closed (by the
+		drainer, at the end mark), Engine.IO forgets the client, a detached socket closes.
+
+		Engine.IO drops a closed socket from its table when its websocket handler returns,
+		or else when its sweep passes, some ``ping_timeout`` later; a detached connection's
+		handler returned long ago, so it is dropped here, or every client that left would be
+		kept that much longer."""
+		eio_socket, queue = self.eio_socket, self.eio_socket.queue
+		queue.put(None)
 		queue.drained()
-	finally:
 		queue.self_draining = False
-	eio_socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
-	return []
+		eio_socket.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+		if self.server.sockets.get(eio_socket.sid) is eio_socket:
+			del self.server.sockets[eio_socket.sid]
+		if self.connection is not None:
+			queue.websocket = None
+			self.connection.close()
 
 
 def direct_writes_possible(websocket: Any) -> bool:
@@ -498,57 +600,6 @@ def finish_frame(websocket: Any, rest: memoryview) -> None:
 		websocket._sendlock.release()
 
 
-
-class SocketWriter:
-	"""A connection's response writer with no buffer of its own: eventlet's HTTP protocol
-	hands it a whole response (or chunk) at a time with ``writelines``, sent here in one
-	``sendall``, so a buffer kept between responses saves nothing and costs 16 KiB for the
-	life of every websocket."""
-
-	closed = False
-
-	def __init__(self, sock: Any):
-		self.sock = sock
-
-	def write(self, data: bytes) -> int:
-		self.sock.sendall(data)
-		return len(data)
-
-	def writelines(self, lines: Any) -> None:
-		self.sock.sendall(b"".join(lines))
-
-	def flush(self) -> None:
-		pass
-
-	def close(self) -> None:
-		self.closed = True
-
-
-def http_protocol() -> type:
-	"""eventlet's HTTP protocol, with Nagle's algorithm off (see ``backend.no_delay``),
-	writing with :class:`SocketWriter` and reading through a smaller buffer (for the
-	``protocol`` argument of ``eventlet.wsgi.server``). A connection whose writer is not the
-	buffered file eventlet makes today (TLS, a future eventlet) keeps eventlet's own."""
-	import io
-
-	import eventlet.wsgi
-
-	from excel_restaurant_pos.realtime.backend import no_delay
-
-	class HttpProtocol(eventlet.wsgi.HttpProtocol):
-		#: The read buffer, which an upgraded websocket also keeps for its life (eventlet's
-		#: request handling holds on to it): 2 KiB holds a typical request's headers; longer
-		#: ones take another read, not more memory on every connection.
-		rbufsize = 2048
-
-		def setup(self) -> None:
-			super().setup()
-			no_delay(self.connection)
-			if isinstance(self.wfile, io.BufferedWriter) and hasattr(self.connection, "sendall"):
-				self.wfile.close()  # the raw socket stays open: the protocol closes it at the end
-				self.wfile = SocketWriter(self.connection)
-
-	return HttpProtocol
 
 
 class Heartbeat:
