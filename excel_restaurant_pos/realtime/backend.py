@@ -2,7 +2,8 @@
 
 The server, its handlers, the bridge and the transport are written once, against what
 python-socketio and Engine.IO give every backend (background tasks, sleeps, events, the
-driver's queue and thread). What differs between the two is here (or reached from here), and nowhere else:
+driver's queue and thread). What differs between the two is here (or reached from here),
+and nowhere else:
 
 * patching the standard library, once, at the entry point and before anything else;
 * the WSGI server that accepts connections, and how it bounds their number and their

@@ -85,18 +85,11 @@ class ConnectionSlots:
 
 	def keep(self) -> Callable[[], None]:
 		"""Keep the calling green thread's slot after it ends; the function returned frees
-		it (once, however often it is called)."""
+		it, to be called once (:meth:`Detached.close` is)."""
 		import eventlet
 
 		self.kept.add(eventlet.getcurrent())
-		released = []
-
-		def release() -> None:
-			if not released:
-				released.append(True)
-				self.free.release()
-
-		return release
+		return self.free.release
 
 	def waitall(self) -> None:
 		"""Wait for every request green thread (eventlet's server does as it stops)."""
@@ -219,14 +212,17 @@ def http_protocol(slots: ConnectionSlots | None = None) -> type:
 
 		def get_environ(self) -> dict:
 			environ = super().get_environ()
-			if slots is not None and detach_possible(self):
+			if slots is not None:
 				environ[DETACH] = self.detach
 			return environ
 
-		def detach(self) -> Detached:
+		def detach(self) -> Detached | None:
 			"""Let the connection outlive this request: when the request ends, its socket
 			stays open and keeps its slot, and the HTTP state goes (the environ lets go of
-			this protocol). Called by the websocket handler once the upgrade is done."""
+			this protocol). Called by the websocket handler once the upgrade is done;
+			``None`` where eventlet lacks what it takes (the connection stays in the request)."""
+			if not detach_possible(self):
+				return None
 			self.detached = Detached(self.connection, slots.keep())
 			self.conn_state[1] = _Released()
 			for key in ("eventlet.set_idle", DETACH):

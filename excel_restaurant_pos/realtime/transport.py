@@ -440,7 +440,7 @@ def serve_websocket(eio_socket: Any, websocket: Any, detach: Callable[[], Any] |
 	through the queue's own drainer while the socket is not taking it (see
 	``ClientQueue.drain``). Given ``detach`` (eventlet's server offers it, see
 	:mod:`~excel_restaurant_pos.realtime.httpserver`), the connection leaves its request once
-	upgraded and is read only when the client sends something."""
+	upgraded, where it can, and is read only when the client sends something."""
 	reader = WebSocketReader(eio_socket, websocket)
 	websocket.socket.settimeout(eio_socket.server.ping_interval + eio_socket.server.ping_timeout)
 	if not reader.upgrade():
@@ -448,19 +448,20 @@ def serve_websocket(eio_socket: Any, websocket: Any, detach: Callable[[], Any] |
 	queue = eio_socket.queue
 	queue.self_draining = True
 	queue.drain()  # what waited for the upgrade to finish
-	if detach is not None:
-		reader.detach(detach())
+	connection = detach() if detach is not None else None
+	if connection is not None:
+		reader.detach(connection)
 	else:
-		reader.run()
+		reader.read()
 	return []
 
 
 class WebSocketReader:
 	"""What a client sends on its websocket, handed to Engine.IO one message at a time.
 
-	Either the connection's own green thread reads until the end (:meth:`run`), blocked in
-	``recv`` between messages, or, once the connection is detached, the hub watches the
-	socket and a green thread exists only while something arrives (:meth:`read_ready`): an
+	Either the connection's own green thread reads until the end, blocked in ``recv``
+	between messages, or, once the connection is detached, the hub watches the socket and a
+	green thread exists only while something arrives (both :meth:`read`): an
 	idle websocket then costs no green thread at all. A message that arrives in pieces is
 	waited for with the socket's timeout either way.
 	"""
@@ -526,30 +527,24 @@ class WebSocketReader:
 			return False
 		return True
 
-	def run(self) -> None:
-		"""Read until the connection ends, in the calling green thread."""
-		try:
-			while self.receive():
-				pass
-		finally:
-			self.end()
-
 	def detach(self, connection: Any) -> None:
 		"""Hand the reading to the hub: the request's green thread may end."""
 		self.connection = self.eio_socket.queue.connection = connection
-		connection.watch(self.read_ready)
+		connection.watch(self.read)
 
-	def read_ready(self) -> None:
-		"""Read what arrived, until a read would wait; then watch the socket again."""
+	def read(self) -> None:
+		"""Hand Engine.IO what the client sends until the connection ends; once detached,
+		only until a read would wait, and then the hub watches the socket again."""
+		watched = False
 		try:
 			while self.receive():
-				if not self.connection.readable():
-					self.connection.watch(self.read_ready)
+				if self.connection is not None and not self.connection.readable():
+					self.connection.watch(self.read)
+					watched = True
 					return
-		except BaseException:
-			self.end()
-			raise
-		self.end()
+		finally:
+			if not watched:
+				self.end()
 
 	def end(self) -> None:
 		"""The connection is over: what waits is sent and the websocket closed (by the
