@@ -6,9 +6,9 @@ driver's queue and thread). What differs between the two is here (or reached fro
 and nowhere else:
 
 * patching the standard library, once, at the entry point and before anything else;
-* the WSGI server that accepts connections, and how it bounds their number and their
-  silence before a request is complete (eventlet's, with websockets that leave their
-  request once upgraded, is in :mod:`~excel_restaurant_pos.realtime.httpserver`);
+* the HTTP server that accepts connections, and how it bounds their number and their
+  silence before a request is complete (the eventlet backend's, on httptools, with
+  websockets that leave it once upgraded, is :mod:`~excel_restaurant_pos.realtime.httpserver`);
 * the websocket. eventlet's has the send lock and frame packer the transport's direct writes
   use (:mod:`~excel_restaurant_pos.realtime.transport`). gevent's is gevent-websocket's, the
   handler Engine.IO's gevent driver takes and Frappe's own Python realtime server runs: it
@@ -30,10 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 from excel_restaurant_pos.realtime.config import Config, ConfigError
-
-#: Room for an oversized Bearer header, so it is refused with a reason rather than a 400.
-MAX_HEADER_LINE = 16384
-
 
 def no_delay(sock: Any) -> None:
 	"""Switch Nagle's algorithm off on an accepted TCP connection, as Node's HTTP server does.
@@ -91,28 +87,9 @@ class Eventlet(Backend):
 		eventlet.monkey_patch()
 
 	def wsgi_server(self, sock: socket.socket, app: Callable, config: Config, accepting: Callable[[], bool]) -> Callable[[], None]:
-		import logging
+		from excel_restaurant_pos.realtime.httpserver import HttpServer
 
-		import eventlet.wsgi
-
-		from excel_restaurant_pos.realtime.httpserver import ConnectionSlots, http_protocol
-
-		eventlet.wsgi.MAX_HEADER_LINE = max(eventlet.wsgi.MAX_HEADER_LINE, MAX_HEADER_LINE)
-		slots = ConnectionSlots(config.max_connections)
-		return lambda: eventlet.wsgi.server(
-			sock,
-			app,
-			log_output=False,
-			protocol=http_protocol(slots),
-			custom_pool=slots,
-			# Without these eventlet waits forever for a request: a connection that never
-			# sends one (a tablet gone mid-request, a kept-alive socket whose peer vanished, a
-			# hostile peer) would hold a slot of max_connections, and with enough of them
-			# nobody gets in. Engine.IO gives websockets their own timeout.
-			socket_timeout=config.http_timeout,
-			keepalive=config.http_timeout,
-			log=logging.getLogger("excel_restaurant_pos.realtime.http"),
-		)
+		return HttpServer(sock, app, config).serve_forever
 
 	def direct_websocket(self, websocket: Any) -> Any | None:
 		from eventlet.websocket import RFC6455WebSocket
