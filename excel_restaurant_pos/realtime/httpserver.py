@@ -295,8 +295,6 @@ class Connection:
 			return chunks.append
 
 		chunks: list[bytes] = []
-		handled = self.server.handled
-		handled.already_handled = False
 		try:
 			result = self.server.app(environ, start_response)
 			try:
@@ -311,7 +309,9 @@ class Connection:
 			response[:] = ["500 Internal Server Error", [("Content-Type", "text/plain")]]
 			chunks = [b"Internal Server Error"]
 			request.keep_alive = False
-		if wsgi_input.taken and (handled.already_handled or not response):
+		# (A connection's green thread answers no request after a websocket had it, so the
+		# flag, kept per green thread, needs no reset.)
+		if wsgi_input.taken and (getattr(self.server.handled, "already_handled", False) or not response):
 			return False  # a websocket had the connection: it has ended, or lives on detached
 		if not response:
 			log.error("%s %s: the app gave no response", environ["REQUEST_METHOD"], environ["PATH_INFO"])

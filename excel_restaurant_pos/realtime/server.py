@@ -15,6 +15,7 @@ clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import os
@@ -538,6 +539,26 @@ def raise_open_file_limit() -> int:
 	return soft
 
 
+#: The cyclic collector's thresholds while serving (Python's default is 700, 10, 10).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def collect_less() -> None:
+	"""Make the cyclic garbage collector run less often and walk less, once everything the
+	process keeps for its life exists (modules, the app, the server).
+
+	Each long-polling request leaves objects that wait with it (its environ, its poll, a
+	timer), so with Python's default thresholds the collector ran every few milliseconds
+	under load and took the process away from the clients each time: in S5k it ran about
+	400 times in 15 s, for 4 % of the CPU and, in its longer passes, most of the latency
+	tail. Frozen, the startup heap is never walked again; with a young generation of 10,000
+	objects the collector ran 16 times in the same run, for a quarter less CPU per delivery
+	(the README's Performance section). The price: cyclic garbage waits longer to be freed,
+	the young generation growing to 10,000 objects before a pass."""
+	gc.freeze()
+	gc.set_threshold(*GC_THRESHOLDS)
+
+
 def serve(config: Config) -> int:
 	"""Run until SIGTERM/SIGINT, drain, and return the exit status. The backend has
 	patched the standard library already (see ``__main__``)."""
@@ -549,6 +570,7 @@ def serve(config: Config) -> int:
 	server.start_background()
 	server.sio.start_background_task(server.backend.wsgi_server(sock, server.wsgi, config, lambda: not server.draining))
 	logger.info("%s; open-file limit %d; process=%s", config.describe(), files, server.process)
+	collect_less()
 	while not server.stop_requested:
 		server.sio.sleep(0.2)
 	server.drain()
