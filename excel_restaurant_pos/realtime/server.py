@@ -15,7 +15,6 @@ clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
 from __future__ import annotations
 
 import collections
-import gc
 import json
 import logging
 import os
@@ -539,27 +538,6 @@ def raise_open_file_limit() -> int:
 	return soft
 
 
-#: The cyclic collector's thresholds while serving (Python's default is 700, 10, 10 up to 3.12,
-#: 2,000 from 3.13). 10,000 made long-polling cheaper still, but memory under reconnect churn kept
-#: growing (the soak test in ``test_robustness``).
-GC_THRESHOLDS = (2_000, 10, 10)
-
-
-def collect_less() -> None:
-	"""Make the cyclic garbage collector run less often and walk less, once everything the
-	process keeps for its life exists (modules, the app, the server).
-
-	Each long-polling request leaves objects that wait with it (its environ, its poll, a
-	timer), so with a young generation of 700 objects the collector ran every few
-	milliseconds under load and took the process away from the clients each time: in S5k
-	about 400 times in 15 s, for 4 % of the CPU and, in its longer passes over the whole
-	heap, most of long-polling's latency tail. Frozen, the startup heap is never walked
-	again, and a larger young generation makes the passes rarer (the README's Performance
-	section has the figures). Cyclic garbage waits a little longer to be freed."""
-	gc.freeze()
-	gc.set_threshold(*GC_THRESHOLDS)
-
-
 def serve(config: Config) -> int:
 	"""Run until SIGTERM/SIGINT, drain, and return the exit status. The backend has
 	patched the standard library already (see ``__main__``)."""
@@ -571,7 +549,6 @@ def serve(config: Config) -> int:
 	server.start_background()
 	server.sio.start_background_task(server.backend.wsgi_server(sock, server.wsgi, config, lambda: not server.draining))
 	logger.info("%s; open-file limit %d; process=%s", config.describe(), files, server.process)
-	collect_less()
 	while not server.stop_requested:
 		server.sio.sleep(0.2)
 	server.drain()
