@@ -38,6 +38,9 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import httptools
+
+from excel_restaurant_pos.realtime.backend import no_delay
 from excel_restaurant_pos.realtime.config import Config
 
 #: The environ key under which a websocket request finds how to leave the HTTP server.
@@ -141,8 +144,6 @@ class Connection:
 	closes, or a websocket takes it (:meth:`detach`)."""
 
 	def __init__(self, server: HttpServer, sock: Any, address: Any):
-		import httptools
-
 		self.server, self.sock = server, sock
 		self.remote = (str(address[0]), str(address[1])) if isinstance(address, tuple) else ("", "")
 		self.parser = httptools.HttpRequestParser(self)
@@ -195,10 +196,6 @@ class Connection:
 	# -- the connection ---------------------------------------------------------------------
 
 	def run(self) -> None:
-		import httptools
-
-		from excel_restaurant_pos.realtime.backend import no_delay
-
 		sock = self.sock
 		try:
 			no_delay(sock)
@@ -251,8 +248,6 @@ class Connection:
 	def environ(self, request: Request, wsgi_input: Input) -> dict:
 		url = request.url
 		if not url.startswith(b"/"):  # absolute form (a proxy's), or "*"
-			import httptools
-
 			try:
 				parsed = httptools.parse_url(url)
 				url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
@@ -306,17 +301,18 @@ class Connection:
 			log.exception("error answering %s %s", environ["REQUEST_METHOD"], environ["PATH_INFO"])
 			if wsgi_input.taken:
 				return False
+			response.clear()  # whatever was started, the answer is a 500
+		else:
+			# (A connection's green thread answers no request after a websocket had it, so
+			# the flag, kept per green thread, needs no reset.)
+			if wsgi_input.taken and (getattr(self.server.handled, "already_handled", False) or not response):
+				return False  # a websocket had the connection: it has ended, or lives on detached
+			if not response:
+				log.error("%s %s: the app gave no response", environ["REQUEST_METHOD"], environ["PATH_INFO"])
+		if not response:
+			request.keep_alive = False
 			response[:] = ["500 Internal Server Error", [("Content-Type", "text/plain")]]
 			chunks = [b"Internal Server Error"]
-			request.keep_alive = False
-		# (A connection's green thread answers no request after a websocket had it, so the
-		# flag, kept per green thread, needs no reset.)
-		if wsgi_input.taken and (getattr(self.server.handled, "already_handled", False) or not response):
-			return False  # a websocket had the connection: it has ended, or lives on detached
-		if not response:
-			log.error("%s %s: the app gave no response", environ["REQUEST_METHOD"], environ["PATH_INFO"])
-			response[:] = ["500 Internal Server Error", []]
-			request.keep_alive = False
 		status, headers = response
 		self.sock.sendall(self.response(request, status, headers, b"".join(chunks)))
 		return request.keep_alive
@@ -352,13 +348,10 @@ class Connection:
 		What the client is still sending is read and dropped for a moment (as nginx's
 		lingering close does): closed with unread bytes, the socket would be reset, and the
 		reset can reach the client before the answer does."""
-		body = status.encode()
 		sock = self.sock
+		request = Request(b"GET", b"", [], b"", "1.1", keep_alive=False)
 		try:
-			sock.sendall(
-				b"HTTP/1.1 " + body + b"\r\nContent-Type: text/plain\r\nContent-Length: "
-				+ str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-			)
+			sock.sendall(self.response(request, status, [("Content-Type", "text/plain")], status.encode()))
 			sock.shutdown(socket.SHUT_WR)
 			sock.settimeout(LINGER)
 			dropped = 0
