@@ -380,6 +380,29 @@ def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeyp
 	assert any("is back" in record.getMessage() for record in caplog.records)
 
 
+def test_a_bridge_stopped_while_starting_leaves_no_subscriber_behind(redis_server, redis_url, monkeypatch):
+	"""stop() can come while a reader is still subscribing (a server told to leave as it
+	starts): that subscription must not outlive the reader, or Redis keeps counting, and
+	sending to, a listener nobody reads."""
+	positions_asked, release = threading.Event(), threading.Event()
+	last_offset = log.last_offset
+
+	def slow_last_offset(client: Any, site: str) -> str:
+		positions_asked.set()
+		release.wait(10)
+		return last_offset(client, site)
+
+	monkeypatch.setattr(log, "last_offset", slow_last_offset)
+	running = Running(load_config({}, env={"FRAPPE_REDIS_QUEUE": redis_url, "EXCEL_RESTAURANT_POS_SITES": "site1.local"}))
+	assert positions_asked.wait(10)
+	running.bridge.stop()
+	release.set()
+	for thread in running.threads:
+		thread.join(10)
+	assert not any(thread.is_alive() for thread in running.threads)
+	assert redis_server.client().pubsub_numsub(FRAPPE_CHANNEL, APP_CHANNEL) == [(FRAPPE_CHANNEL.encode(), 0), (APP_CHANNEL.encode(), 0)]
+
+
 def test_bridge_reads_frappe_v14_events_from_redis_socketio(start_bridge, redis_server, redis_url, own_redis):
 	queue, socketio = redis_server.client(), own_redis.client()
 	running = start_bridge(redis_url, redis_socketio=own_redis.url)

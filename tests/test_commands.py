@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 import jwt
 import pytest
-import redis
 from conftest import OTHER_SECRET, SECRET
 from harness import free_port, make_bench, wait_for
 
@@ -155,15 +154,17 @@ def test_errors_are_one_line_and_an_exit_status(redis_url):
 # -- publish --------------------------------------------------------------------------------
 
 
-def test_publish_reaches_the_javascript_client(realtime, js, redis_url):
-	server = realtime()
-	env = shell_env(redis_url)
+def test_publish_reaches_the_javascript_client(realtime, js, own_redis):
+	# The count printed is of every server on the Redis: this one has this test's alone.
+	server = realtime(redis_queue=own_redis.url)
+	env = shell_env(own_redis.url)
 	js.connect("kds", server.url + APP_NS, token=make_token("cook@example.com", SECRET, user_type="System User"))
 	js.emit("kds", "room:join", "kitchen")
-	# The count is of every server on this Redis; an earlier test's, just killed, may not be
-	# gone from Redis's subscribers yet.
-	listening = redis.Redis.from_url(redis_url)
-	wait_for(lambda: listening.pubsub_numsub(APP_CHANNEL)[0][1] == 1, 10, message="this test's server alone listening")
+	listening = own_redis.client()
+	try:
+		wait_for(lambda: listening.pubsub_numsub(APP_CHANNEL)[0][1] == 1, 10, message="the server listening")
+	except AssertionError as exc:
+		raise AssertionError(f"{exc}: {listening.pubsub_numsub(APP_CHANNEL)}; log:\n{server.log()}") from None
 
 	sent = excel_pos("publish", "order:new", '{"order_id": "ORD-7", "items": [1, 2]}', "--room", "kitchen", env=env)
 	assert (sent.returncode, sent.stdout.strip()) == (0, "published order:new to room kitchen on site default; 1 server listening"), sent.stderr

@@ -173,10 +173,7 @@ class Bridge:
 		for ingester in self.ingesters.values():
 			ingester.release()
 		for connection in list(self._connections.values()):
-			try:
-				connection.close()
-			except Exception:  # closing a broken connection may raise; we are leaving anyway
-				pass
+			_close(connection)
 
 	def parse(self, channel: str, raw: bytes | str) -> Delivery | None:
 		"""What a channel message asks to log (``None``: nothing); :class:`BadMessage` when
@@ -255,18 +252,23 @@ class Bridge:
 		while self._running and not self.ready:
 			time.sleep(0.05)
 		pubsub = self._connections[reader] = client.pubsub(ignore_subscribe_messages=True)
-		pubsub.subscribe(*self.subscriptions[reader[0]])
-		logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
-		yield
-		while self._running:
-			message = pubsub.get_message(timeout=1.0)
-			if message is None or message.get("type") != "message":
-				continue
-			channel = log.text(message["channel"])
-			if channel == CONTROL_CHANNEL:
-				self._control(message["data"])
-			else:
-				self.ingesters[reader[0]].receive(channel, message["data"])
+		# Closed as soon as reading ends, by a failure or by stop(), not when collected: an
+		# abandoned subscription is still counted (and sent to) by Redis beside the retry's.
+		try:
+			pubsub.subscribe(*self.subscriptions[reader[0]])
+			logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
+			yield
+			while self._running:
+				message = pubsub.get_message(timeout=1.0)
+				if message is None or message.get("type") != "message":
+					continue
+				channel = log.text(message["channel"])
+				if channel == CONTROL_CHANNEL:
+					self._control(message["data"])
+				else:
+					self.ingesters[reader[0]].receive(channel, message["data"])
+		finally:
+			_close(pubsub)
 
 	def _read_log(self, client: Any, reader: tuple[str, str]) -> Any:
 		"""Find where each site's log stands (once), say so, then read until stopped."""
@@ -299,3 +301,12 @@ class Bridge:
 				except Exception as exc:  # Redis is down: the readers report the outage
 					logger.debug("lease check of %s failed: %s", ingester.lease_key, exc)
 			time.sleep(LEASE_CHECK_S)
+
+
+def _close(connection: Any) -> None:
+	"""Close a reader's Redis connection or subscription; one already broken may raise on
+	close, and its reader is gone or leaving either way."""
+	try:
+		connection.close()
+	except Exception:
+		pass
