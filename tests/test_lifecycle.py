@@ -292,3 +292,26 @@ def masked_text_frame(payload: bytes) -> bytes:
 	mask = os.urandom(4)
 	length = bytes([0x80 | len(payload)]) if len(payload) < 126 else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
 	return b"\x81" + length + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+def test_the_start_up_heap_is_frozen_without_its_garbage():
+	"""What start-up built leaves the collections (``get_objects`` lists what they walk); a
+	reference cycle already dropped by then is freed, not frozen for the process's life. In
+	a process of its own: freezing is for good."""
+	script = """
+import gc, weakref
+from excel_restaurant_pos.realtime.server import freeze_start_up_heap
+
+class Node:
+	pass
+
+kept, dropped = Node(), Node()
+dropped.me = dropped
+gone = weakref.ref(dropped)
+del dropped
+freeze_start_up_heap()
+print(gc.get_freeze_count() > 1000, gone() is None, not any(o is kept for o in gc.get_objects()))
+"""
+	result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+	assert result.returncode == 0, result.stderr
+	assert result.stdout.split() == ["True", "True", "True"]
