@@ -153,10 +153,12 @@ def proc_cpu_s(pid: int) -> float:
 	return sum(proc_times_s(pid))
 
 
-def proc_sys_s(pid: int) -> float:
-	"""stime of a process, in seconds: the kernel's share (system calls, and on loopback the
-	receiving side of TCP), the part no server's own code can shave."""
-	return proc_times_s(pid)[1]
+def cpu_and_system_s(pids: list[int]) -> tuple[float, float]:
+	"""utime + stime, and stime alone, summed over the server's processes from one read of
+	each: stime is the kernel's share (system calls, and on loopback the receiving side of
+	TCP), the part no server's own code can shave."""
+	times = [proc_times_s(pid) for pid in pids]
+	return sum(user + system for user, system in times), sum(system for _, system in times)
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -427,14 +429,14 @@ def run_case(kind: str, scenario: Scenario, tokens: list[str], work: Path) -> di
 		if scenario.events:
 			loadgen.send(cmd="arm")
 			loadgen.expect("armed", 30)
-			cpu2, sys2 = total(proc_cpu_s, pids), total(proc_sys_s, pids)
+			cpu2, sys2 = cpu_and_system_s(pids)
 			start_ms, rate, receivers = publish(scenario, redis_server.url)
 			result["publish_rate"] = rate
 			result["redis_receivers"] = receivers
 			timeout = 60 + scenario.events / max(scenario.rate, 1)
 			loadgen.send(cmd="collect", expected=scenario.expected, publish_start_ms=start_ms, timeout_s=timeout, idle_s=5)
 			deliveries = loadgen.expect("deliveries", timeout + 30)
-			cpu3, sys3 = total(proc_cpu_s, pids), total(proc_sys_s, pids)
+			cpu3, sys3 = cpu_and_system_s(pids)
 			result["deliveries"] = deliveries
 			result["delivery_cpu_s"] = cpu3 - cpu2
 			received = deliveries["received"]
