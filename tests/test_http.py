@@ -143,3 +143,32 @@ def test_requests_that_are_refused_harm_nobody_else(realtime, wire, js, publish,
 	assert js.wait_event("legit", "order:new") == [{"order_id": "ORD-1"}]
 	assert server.health()[0] == 200
 	assert "Traceback" not in server.log()
+
+
+def test_what_a_client_sends_with_its_upgrade_is_answered_at_once(realtime, wire):
+	"""A long-polling client that upgrades sends the upgrade and what it queued meanwhile
+	back to back, and the server may read both in one go. The second must be answered
+	then, not when the client next sends something (its pong, a ping interval later)."""
+	import websocket
+
+	server = realtime(ping_interval=30, ping_timeout=10)
+	client = wire(server)
+	sid = handshake(client)
+	body = f'40{NS},{{"token":"{token("waiter@example.com")}"}}'.encode()
+	client.send(post(sid, body, f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n".encode()))
+	assert client.response()[0] == 200
+	client.send(poll(sid))
+	assert client.response()[2].startswith(f"40{NS},".encode())
+
+	ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket&sid={sid}", timeout=5)
+	try:
+		ws.send("2probe")
+		assert ws.recv() == "3probe"
+		frames = [websocket.ABNF.create_frame(text, websocket.ABNF.OPCODE_TEXT).format() for text in ("5", f'42{NS},7["room:join","kitchen"]')]
+		ws.sock.sendall(b"".join(frames))  # one write: the server reads them together
+		answers = []
+		while not answers or not answers[-1].startswith(f"43{NS},7"):
+			answers.append(ws.recv())  # times out after 5 s, long before the next ping
+		assert json.loads(answers[-1][len(f"43{NS},7"):]) == [{"ok": True, "room": "kitchen"}], answers
+	finally:
+		ws.close()

@@ -15,7 +15,7 @@ import pytest
 from engineio import packet
 from harness import wait_for
 
-from excel_restaurant_pos.realtime import backend, httpserver, transport
+from excel_restaurant_pos.realtime import backend, detached, httpserver, transport
 from excel_restaurant_pos.realtime.config import load_config
 from excel_restaurant_pos.realtime.server import RealtimeServer
 from excel_restaurant_pos.realtime.transport import packet_size
@@ -241,9 +241,9 @@ def test_detaching_needs_the_hubs_readiness_listeners_and_does_without_them():
 	out of the HTTP server: they are read by their connection's green thread."""
 	from eventlet import hubs
 
-	assert httpserver.detach_possible()
-	assert httpserver.detach_possible(hubs.get_hub())
-	assert not httpserver.detach_possible(types.SimpleNamespace(READ="read", add=print))
+	assert detached.EventletDetached.possible()
+	assert detached.EventletDetached.possible(hubs.get_hub())
+	assert not detached.EventletDetached.possible(types.SimpleNamespace(READ="read", add=print))
 
 
 class FakeEngineIO:
@@ -477,3 +477,61 @@ def test_gevent_websockets_own_writes_wait_for_a_direct_write_and_without_its_pa
 
 	assert backend.Gevent().direct_websocket(types.SimpleNamespace()) is None
 	assert backend.Gevent().direct_websocket(types.SimpleNamespace(_sock=types.SimpleNamespace(raw_write=None, handler=types.SimpleNamespace(socket=object())))) is None
+
+
+def test_detaching_on_gevent_needs_the_loops_io_watchers_and_does_without_them():
+	"""A gevent loop without io watchers (another release) offers websockets no way out of
+	the HTTP server: they are read by their request's green thread."""
+	assert detached.GeventDetached.possible(types.SimpleNamespace(loop=types.SimpleNamespace(io=print)))
+	assert not detached.GeventDetached.possible(types.SimpleNamespace(loop=object()))
+	assert not detached.GeventDetached.possible(object())
+
+
+GEVENT_DETACHED = """
+from gevent import monkey
+
+monkey.patch_all()
+import socket
+
+from gevent.event import Event
+
+from excel_restaurant_pos.realtime.detached import GeventDetached
+
+assert GeventDetached.possible(), "this gevent's loop has no io watchers"
+ours, peer = socket.socketpair()
+ours.settimeout(7)
+rfile = ours.makefile("rb", -1)
+released = []
+connection = GeventDetached(ours, rfile, lambda: released.append(True))
+assert not connection.readable(), "readable before the peer sent anything"
+assert ours.gettimeout() == 7, "the socket's timeout was not restored"
+
+arrived = Event()
+connection.watch(arrived.set)
+peer.sendall(b"ab")
+assert arrived.wait(5), "the watcher never called back"
+assert rfile.read(1) == b"a"
+assert connection.readable(), "a byte the buffered reader holds did not count"
+assert rfile.read(1) == b"b"
+assert not connection.readable()
+
+connection.watch(arrived.set)  # closed while watched, as an idle websocket is
+connection.close()
+connection.close()
+assert released == [True], released
+assert ours.fileno() == -1, "the descriptor outlived the close"
+peer.settimeout(5)
+assert peer.recv(1) == b""
+print("ok")
+"""
+
+
+def test_a_detached_gevent_connection_is_watched_counts_what_its_reader_holds_and_closes_once():
+	"""gevent-websocket reads through a buffered reader that may already hold the next
+	message: the connection counts it as readable, and its close ends the descriptor the
+	reader keeps open, and frees the slot once."""
+	import subprocess
+	import sys
+
+	result = subprocess.run([sys.executable, "-c", GEVENT_DETACHED], capture_output=True, text=True, timeout=60)
+	assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

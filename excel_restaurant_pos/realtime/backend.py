@@ -9,6 +9,8 @@ and nowhere else:
 * the HTTP server that accepts connections, and how it bounds their number and their
   silence before a request is complete (the eventlet backend's, on httptools, with
   websockets that leave it once upgraded, is :mod:`~excel_restaurant_pos.realtime.httpserver`);
+* how a websocket leaves the HTTP server once upgraded
+  (:mod:`~excel_restaurant_pos.realtime.detached`);
 * the websocket. eventlet's has the send lock and frame packer the transport's direct writes
   use (:mod:`~excel_restaurant_pos.realtime.transport`). gevent's is gevent-websocket's, the
   handler Engine.IO's gevent driver takes and Frappe's own Python realtime server runs: it
@@ -114,19 +116,63 @@ class Gevent(Backend):
 	def wsgi_server(self, sock: socket.socket, app: Callable, config: Config, accepting: Callable[[], bool]) -> Callable[[], None]:
 		import logging
 
+		import gevent
 		from gevent.pool import Pool
 		from geventwebsocket.handler import WebSocketHandler
 		from geventwebsocket.server import WebSocketServer
 
+		from excel_restaurant_pos.realtime.detached import DETACH, GeventDetached
+
+		detachable = GeventDetached.possible()
+
 		class Handler(WebSocketHandler):
 			"""gevent-websocket's handler, with the silence before a complete request bounded
 			as eventlet's ``socket_timeout`` does (the websocket sets its own once upgraded),
-			and Nagle's algorithm off (see :func:`no_delay`)."""
+			Nagle's algorithm off (see :func:`no_delay`), and a websocket that may leave the
+			server once upgraded (see :mod:`~excel_restaurant_pos.realtime.detached`)."""
+
+			detached: GeventDetached | None = None
 
 			def handle(self) -> None:
 				self.socket.settimeout(config.http_timeout)
 				no_delay(self.socket)
 				super().handle()
+				if self.detached is not None:
+					# What the request kept that a detached websocket never reads again:
+					# gevent-websocket reads only the server from its handler. (The environ
+					# stays: Engine.IO keeps it for the session's connect handlers.)
+					server = self.server
+					vars(self).clear()
+					self.server = server
+
+			def get_environ(self) -> dict:
+				environ = super().get_environ()
+				if detachable:
+					environ[DETACH] = self.detach
+				return environ
+
+			def detach(self) -> GeventDetached:
+				"""Let the websocket outlive this green thread: its slot in the pool passes to a
+				placeholder that the connection's close discards, and the server leaves its
+				socket open."""
+				pool, placeholder = self.server.pool, gevent.Greenlet()
+				pool.discard(gevent.getcurrent())
+				pool.add(placeholder, blocking=False)  # takes the slot just given back: never waits
+				self.server.kept_open.add(id(self.socket))
+				self.detached = GeventDetached(self.socket, self.rfile, lambda: pool.discard(placeholder))
+				return self.detached
+
+			def run_websocket(self) -> None:
+				# gevent-websocket's, without its table of clients (nothing here reads it),
+				# and leaving a detached websocket open.
+				try:
+					list(self.application(self.environ, lambda status, headers, exc_info=None: []))
+				finally:
+					if self.detached is not None:
+						self.socket = None  # gevent's handler would drain and close it
+					elif not self.websocket.closed:
+						self.websocket.close()
+					self.environ["wsgi.websocket"] = self.websocket = None
 
 			def log_request(self) -> None:
 				pass  # one line per poll is noise; /metrics counts what matters
@@ -139,7 +185,21 @@ class Gevent(Backend):
 					return None
 				return super()._handle_client_error(ex)
 
-		server = WebSocketServer(
+		class Server(WebSocketServer):
+			"""gevent-websocket's server, leaving the sockets of detached websockets open."""
+
+			def __init__(self, *args: Any, **kwargs: Any):
+				super().__init__(*args, **kwargs)
+				#: The sockets of detached websockets, by ``id``, until their request ends.
+				self.kept_open: set[int] = set()
+
+			def do_close(self, sock: Any, *args: Any) -> None:
+				if id(sock) in self.kept_open:
+					self.kept_open.discard(id(sock))
+				else:
+					super().do_close(sock, *args)
+
+		server = Server(
 			sock,
 			app,
 			spawn=Pool(config.max_connections),
@@ -151,7 +211,6 @@ class Gevent(Backend):
 			# to drop it. The hook lets the app answer such a request as plain HTTP.
 			pre_start_hook=lambda handler: not accepting(),
 		)
-		server.clients = _Clients()
 		return server.serve_forever
 
 	def tcp_socket(self, environ: dict) -> Any:
@@ -219,15 +278,6 @@ class _RawSocket:
 		self.fd = green._sock
 		self.sendall = green.sendall
 		self.settimeout = green.settimeout
-
-
-class _Clients(dict):
-	"""gevent-websocket's table of open websockets by peer address. Over a unix socket every
-	peer has the same (empty) address, so the second websocket to end would find its entry
-	gone and raise; here it is simply gone."""
-
-	def __delitem__(self, address: Any) -> None:
-		self.pop(address, None)
 
 
 BACKENDS: dict[str, type[Backend]] = {"eventlet": Eventlet, "gevent": Gevent}

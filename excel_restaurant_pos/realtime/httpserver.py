@@ -18,12 +18,9 @@ take the connection with; eventlet's websocket then marks the request handled
 (``eventlet.wsgi.WSGI_LOCAL``), as it does for eventlet's own server, and no response is
 written.
 
-A websocket is detached once upgraded (``environ[DETACH]``): its connection's green thread
-ends, the socket stays open, watched by the hub, which starts a green thread only when the
-client sends something (:class:`Detached`); it keeps its slot until it closes. An idle
-websocket then costs little more than its socket. This uses the hub's ``add``/``remove`` of
-readiness listeners; a hub without them (another eventlet release) offers no ``DETACH``,
-and the websocket is read by its connection's green thread until it closes.
+A websocket leaves the server once upgraded (``environ[DETACH]``, see
+:mod:`~excel_restaurant_pos.realtime.detached`): its connection's green thread ends and it
+keeps its slot until it closes.
 """
 
 from __future__ import annotations
@@ -42,9 +39,7 @@ import httptools
 
 from excel_restaurant_pos.realtime.backend import no_delay
 from excel_restaurant_pos.realtime.config import Config
-
-#: The environ key under which a websocket request finds how to leave the HTTP server.
-DETACH = "excel_restaurant_pos.detach"
+from excel_restaurant_pos.realtime.detached import DETACH, EventletDetached
 
 #: The request line and headers of one request, at most: room for an oversized Bearer
 #: header, so that it is refused with a reason rather than a 431.
@@ -93,7 +88,7 @@ class HttpServer:
 
 		self.sock, self.app, self.config = sock, app, config
 		self.slots = eventlet.semaphore.Semaphore(config.max_connections)
-		self.detachable = detach_possible()
+		self.detachable = EventletDetached.possible()
 		#: Where eventlet's websocket says it had the connection, so that the response Engine.IO
 		#: makes of its return value is not written (eventlet's own server reads it there).
 		self.handled = eventlet.wsgi.WSGI_LOCAL
@@ -151,7 +146,7 @@ class Connection:
 		self.requests: list[Request] = []
 		#: The status line of an answer that refuses the request and ends the connection.
 		self.refusal: str | None = None
-		self.detached: Detached | None = None
+		self.detached: EventletDetached | None = None
 		self.continue_expected = False
 		self.on_message_begin()
 
@@ -239,10 +234,10 @@ class Connection:
 		finally:
 			self.server.slots.release()
 
-	def detach(self) -> Detached | None:
+	def detach(self) -> EventletDetached:
 		"""Let the websocket outlive this green thread: the connection keeps its socket and
-		its slot until :meth:`Detached.close`."""
-		self.detached = Detached(self.sock, self.server.slots.release)
+		its slot until :meth:`~excel_restaurant_pos.realtime.detached.Detached.close`."""
+		self.detached = EventletDetached(self.sock, self.server.slots.release)
 		return self.detached
 
 	def environ(self, request: Request, wsgi_input: Input) -> dict:
@@ -359,73 +354,3 @@ class Connection:
 				dropped += len(data)
 		except OSError:
 			pass
-
-
-class Detached:
-	"""A websocket's TCP connection after its HTTP request has ended: nothing reads it until
-	the hub sees it readable (:meth:`watch`), and :meth:`close` ends it and frees its slot."""
-
-	def __init__(self, sock: Any, release: Callable[[], None]):
-		self.sock = sock
-		self.release = release
-		self.listener: Any = None
-		self.closed = False
-
-	def watch(self, function: Callable[[], None]) -> None:
-		"""Call ``function`` in a new green thread once the socket is readable (data, the
-		peer's end or an error), once."""
-		from eventlet import hubs, spawn_n
-
-		hub = hubs.get_hub()
-
-		def ready(*_: Any) -> None:  # in the hub: must not block
-			self.unwatch()
-			spawn_n(function)
-
-		self.listener = hub.add(hub.READ, self.sock.fileno(), ready, ready, lambda *_: None)
-
-	def unwatch(self) -> None:
-		if self.listener is not None:
-			from eventlet import hubs
-
-			hubs.get_hub().remove(self.listener)
-			self.listener = None
-
-	def readable(self) -> bool:
-		"""Whether a read would not wait: bytes, the peer's end or an error are there."""
-		try:
-			self.sock.fd.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-			return True
-		except BlockingIOError:
-			return False
-		except OSError:
-			return True
-
-	def close(self, farewell: Callable[[], None] | None = None) -> None:
-		"""Close the connection, once, after ``farewell`` (the websocket's own close, which
-		sends the closing frame and closes the socket): the hub stops watching it first,
-		so no listener outlives its file descriptor."""
-		if self.closed:
-			return
-		self.closed = True
-		self.unwatch()
-		try:
-			if farewell is not None:
-				farewell()
-		finally:
-			try:
-				self.sock.shutdown(socket.SHUT_RDWR)
-			except OSError:
-				pass
-			self.sock.close()
-			self.release()
-
-
-def detach_possible(hub: Any = None) -> bool:
-	"""Whether the hub (eventlet's, by default) has the readiness listeners :class:`Detached`
-	uses (see the module's docstring)."""
-	if hub is None:
-		from eventlet import hubs
-
-		hub = hubs.get_hub()
-	return all(hasattr(hub, name) for name in ("add", "remove", "READ"))

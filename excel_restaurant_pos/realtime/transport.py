@@ -43,8 +43,8 @@ pings, and runs a reader and a writer green thread for each websocket. :class:`H
 pings every client from one green thread. With direct writes the writer only waits, so
 :func:`serve_websocket` runs Engine.IO's websocket handler with its reader alone, and a queue
 starts a green thread to drain itself only while packets wait (a socket that is not taking
-them, or an upgrade under way). On eventlet the reader goes too: once upgraded, the
-websocket leaves its HTTP request (see :mod:`~excel_restaurant_pos.realtime.httpserver`) and
+them, or an upgrade under way). The reader goes too: once upgraded, the websocket leaves
+its HTTP request (see :mod:`~excel_restaurant_pos.realtime.detached`) and
 :class:`WebSocketReader` reads it only when the hub sees something arrive, so an idle
 websocket has no green thread at all.
 """
@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from excel_restaurant_pos.realtime.httpserver import DETACH
+from excel_restaurant_pos.realtime.detached import DETACH
 
 if TYPE_CHECKING:
 	from excel_restaurant_pos.realtime.backend import Backend
@@ -184,7 +184,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			self.drainer: Any = None
 			#: Writers (or polls) waiting in :meth:`get` for a packet.
 			self.waiting = 0
-			#: The websocket's connection once detached from its HTTP request (eventlet).
+			#: The websocket's connection once detached from its HTTP request.
 			self.connection: Any = None
 
 		def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -438,8 +438,8 @@ def serve_websocket(eio_socket: Any, websocket: Any, detach: Callable[[], Any] |
 	a polling session (or a websocket from the start), then every packet the client sends,
 	until the connection ends. What the server sends goes straight out from the emit, or
 	through the queue's own drainer while the socket is not taking it (see
-	``ClientQueue.drain``). Given ``detach`` (eventlet's server offers it, see
-	:mod:`~excel_restaurant_pos.realtime.httpserver`), the connection leaves its request once
+	``ClientQueue.drain``). Given ``detach`` (both backends' servers offer it, see
+	:mod:`~excel_restaurant_pos.realtime.detached`), the connection leaves its request once
 	upgraded, where it can, and is read only when the client sends something."""
 	reader = WebSocketReader(eio_socket, websocket)
 	websocket.socket.settimeout(eio_socket.server.ping_interval + eio_socket.server.ping_timeout)
@@ -528,9 +528,14 @@ class WebSocketReader:
 		return True
 
 	def detach(self, connection: Any) -> None:
-		"""Hand the reading to the hub: the request's green thread may end."""
+		"""Hand the reading to the hub: the request's green thread may end. What arrived
+		with the upgrade (a buffered reader may hold it, out of the hub's sight) is read
+		first."""
 		self.connection = self.eio_socket.queue.connection = connection
-		connection.watch(self.read)
+		if connection.readable():
+			self.read()
+		else:
+			connection.watch(self.read)
 
 	def read(self) -> None:
 		"""Hand Engine.IO what the client sends until the connection ends; once detached,
