@@ -15,7 +15,7 @@ import pytest
 from engineio import packet
 from harness import wait_for
 
-from excel_restaurant_pos.realtime import backend, detached, httpserver, transport
+from excel_restaurant_pos.realtime import backend, detached, transport
 from excel_restaurant_pos.realtime.config import load_config
 from excel_restaurant_pos.realtime.server import RealtimeServer
 from excel_restaurant_pos.realtime.transport import packet_size

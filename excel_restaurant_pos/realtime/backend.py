@@ -145,12 +145,6 @@ class Gevent(Backend):
 					vars(self).clear()
 					self.server = server
 
-			def get_environ(self) -> dict:
-				environ = super().get_environ()
-				if detachable:
-					environ[DETACH] = self.detach
-				return environ
-
 			def detach(self) -> GeventDetached:
 				"""Let the websocket outlive this green thread: its slot in the pool passes to a
 				placeholder that the connection's close discards, and the server leaves its
@@ -164,7 +158,10 @@ class Gevent(Backend):
 
 			def run_websocket(self) -> None:
 				# gevent-websocket's, without its table of clients (nothing here reads it),
-				# and leaving a detached websocket open.
+				# offering the websocket a way out of the server, and leaving it open once
+				# it has taken it.
+				if detachable:
+					self.environ[DETACH] = self.detach
 				try:
 					list(self.application(self.environ, lambda status, headers, exc_info=None: []))
 				finally:
