@@ -197,13 +197,18 @@ def test_a_backend_that_is_not_installed_is_named_with_what_to_install(tmp_path)
 
 
 def test_importing_the_realtime_package_has_no_side_effects():
+	"""Every module but the entry point imports without patching anything or loading a
+	green-thread library: only ``__main__`` patches, once, for the backend configured."""
 	code = (
-		"import sys, socket\n"
-		"before = socket.socket\n"
-		"import excel_restaurant_pos.realtime, excel_restaurant_pos.realtime.handlers, excel_restaurant_pos.realtime.utils\n"
-		"import excel_restaurant_pos.realtime.server, excel_restaurant_pos.realtime.bridge\n"
-		"assert socket.socket is before, 'monkey-patched'\n"
-		"assert 'frappe' not in sys.modules\n"
+		"import importlib, pkgutil, socket, sys, threading, time\n"
+		"before = (socket.socket, threading.Thread, threading.Lock, time.sleep)\n"
+		"import excel_restaurant_pos.realtime as realtime\n"
+		"for module in pkgutil.iter_modules(realtime.__path__):\n"
+		"    if module.name != '__main__':\n"
+		"        importlib.import_module('excel_restaurant_pos.realtime.' + module.name)\n"
+		"assert (socket.socket, threading.Thread, threading.Lock, time.sleep) == before, 'monkey-patched'\n"
+		"loaded = [name for name in ('frappe', 'eventlet', 'gevent', 'geventwebsocket') if name in sys.modules]\n"
+		"assert not loaded, loaded\n"
 		"print('clean')\n"
 	)
 	result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
