@@ -212,6 +212,27 @@ def test_connections_per_user(realtime, js):
 	assert js.connect("d", server.url + NS, token=bearer)["type"] == "connect"
 
 
+def test_clients_that_close_their_websockets_leave_nothing_in_the_log(realtime, js):
+	"""A client that leaves sends the websocket's closing frame, which the websocket answers
+	and closes its socket with; the server's own close that follows must not write an error
+	for the socket it finds closed (one line per client that leaves, on a busy site)."""
+	server = realtime()
+	for n in range(5):
+		assert js.connect(f"js{n}", server.url + NS, token=token(f"js{n}@example.com"), transport="websocket")["type"] == "connect"
+	python_clients = []
+	for n in range(5):
+		client = socketio.Client(reconnection=False)
+		client.connect(server.url, namespaces=[NS], transports=["websocket"], auth={"token": token(f"py{n}@example.com")}, wait_timeout=10)
+		python_clients.append(client)
+	wait_for(lambda: server.health()[1]["clients"] == 10, 10, message="ten clients")
+	for n in range(5):
+		js.disconnect(f"js{n}")
+	for client in python_clients:
+		client.disconnect()
+	wait_for(lambda: server.health()[1]["clients"] == 0, 10, message="every client to leave")
+	assert "error" not in server.log().lower(), server.log()
+
+
 def test_rooms_per_socket(realtime, js):
 	server = realtime(rooms_per_socket=3)
 	js.connect("c", server.url + NS, token=token())

@@ -257,11 +257,15 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 
 		def close_websocket(self, websocket: Any) -> None:
 			"""Close the websocket as Engine.IO's writer does (the closing frame, then the
-			socket); a detached connection also leaves the hub and gives back its slot."""
+			socket); a detached connection also leaves the hub and gives back its slot. A
+			websocket that answered the client's closing frame has closed its socket already,
+			and closing it again would only log an error for the closed socket."""
+			farewell = None if socket_closed(websocket) else websocket.close
 			if self.connection is None:
-				websocket.close()
+				if farewell is not None:
+					farewell()
 			else:
-				self.connection.close(websocket.close)
+				self.connection.close(farewell)
 
 		def drained(self) -> None:
 			"""Wait for the drainer to finish (it ends at the end mark)."""
@@ -588,6 +592,14 @@ def websocket_frame(websocket: Any, packet: Any) -> bytes:
 	if frame is None:
 		frame = packet.websocket_frame = websocket._pack_message(packet.encode())
 	return frame
+
+
+def socket_closed(websocket: Any) -> bool:
+	"""Whether the websocket's own socket is closed (its file descriptor gone); its raw
+	socket is ``socket.fd`` on both backends (see :func:`direct_writes_possible`). One
+	that cannot say counts as open, and is closed as before."""
+	fileno = getattr(getattr(getattr(websocket, "socket", None), "fd", None), "fileno", None)
+	return fileno is not None and fileno() < 0
 
 
 def finish_frame(websocket: Any, rest: memoryview) -> None:
