@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import gc
 import subprocess
 import sys
 import time
+import weakref
 
 from harness import RedisServer, free_port, wait_for
 from test_connect import token
 
 from excel_restaurant_pos.auth import make_token
+from excel_restaurant_pos.realtime import collector
 
 APP_NS = "/excel_restaurant_pos/default"
 
@@ -305,7 +308,7 @@ def test_the_start_up_heap_is_frozen_without_its_garbage():
 	a process of its own: freezing is for good."""
 	script = """
 import gc, weakref
-from excel_restaurant_pos.realtime.server import freeze_start_up_heap
+from excel_restaurant_pos.realtime.collector import freeze_start_up_heap
 
 class Node:
 	pass
@@ -320,3 +323,74 @@ print(gc.get_freeze_count() > 1000, gone() is None, not any(o is kept for o in g
 	result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
 	assert result.returncode == 0, result.stderr
 	assert result.stdout.split() == ["True", "True", "True"]
+
+
+class Node:
+	"""An object that can be put in a reference cycle."""
+
+
+def cycle() -> Node:
+	node = Node()
+	node.me = node
+	return node
+
+
+def test_the_collector_frees_young_cycles_each_tick_and_old_ones_when_a_full_collection_is_due():
+	"""A cycle dropped since the last tick is freed by the next one; a cycle whose objects
+	lived long enough to reach the oldest generation (a client's, when it leaves) waits for
+	the full collection, which comes no sooner than ``FULL_EVERY``."""
+	now = [1000.0]
+	ticks = collector.Collector(sleep=lambda seconds: None, clock=lambda: now[0])
+	gc.disable()  # nothing but the ticks collects during the test
+	try:
+		old = cycle()
+		gc.collect()  # survives: in the oldest generation from now on
+		old_ref = weakref.ref(old)
+		del old
+		young_ref = weakref.ref(cycle())
+		assert young_ref() is not None
+
+		ticks.collect()
+		assert young_ref() is None
+		assert old_ref() is not None
+
+		now[0] += collector.FULL_EVERY
+		ticks.collect()
+		assert old_ref() is None
+	finally:
+		gc.enable()
+
+
+def test_a_slow_full_collection_spaces_the_next_one_out():
+	"""Full collections take at most ``FULL_SHARE`` of the time: one that took half a
+	second (a heap of many clients) is followed by the next fifty seconds later, not ten."""
+	times = iter([2000.0, 2000.5])
+	ticks = collector.Collector(sleep=lambda seconds: None, clock=lambda: 1990.0)
+	ticks.clock = lambda: next(times)
+	ticks.collect()
+	assert ticks.next_full == 2000.0 + 0.5 + 0.5 / collector.FULL_SHARE
+
+
+def test_the_collector_takes_over_from_allocation_counts_and_collects_every_interval():
+	"""Once it runs, Python starts a young collection only at ``YOUNG_LIMIT`` objects, and
+	each interval's tick frees the cycles dropped since the one before."""
+	saved = gc.get_threshold()
+	dropped: list[weakref.ref] = []
+	slept: list[float] = []
+
+	def sleep(seconds: float) -> None:
+		if len(slept) == 3:
+			raise StopIteration  # ends run(), which otherwise runs for the process's life
+		slept.append(seconds)
+		dropped.append(weakref.ref(cycle()))
+		assert gc.get_threshold()[0] == collector.YOUNG_LIMIT
+
+	try:
+		try:
+			collector.Collector(sleep).run()
+		except StopIteration:
+			pass
+	finally:
+		gc.set_threshold(*saved)
+	assert slept == [collector.INTERVAL] * 3
+	assert [ref() for ref in dropped] == [None, None, None]

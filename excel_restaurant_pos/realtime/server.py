@@ -15,7 +15,6 @@ clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
 from __future__ import annotations
 
 import collections
-import gc
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from socketio import packet
 from excel_restaurant_pos.auth import token_fingerprint
 from excel_restaurant_pos.realtime import backend, events, log, metrics, rooms, transport
 from excel_restaurant_pos.realtime.bridge import Bridge
+from excel_restaurant_pos.realtime.collector import Collector, freeze_start_up_heap
 from excel_restaurant_pos.realtime.config import Config
 from excel_restaurant_pos.realtime.connect import TOO_MANY_CONNECTIONS, Authenticator, Refused, site_for, token_from
 from excel_restaurant_pos.realtime.frappe_api import FrappeAPI
@@ -539,20 +539,6 @@ def raise_open_file_limit() -> int:
 	return soft
 
 
-def freeze_start_up_heap() -> None:
-	"""Take what start-up built (modules, classes, the server itself: some 65,000 objects,
-	all kept for the process's life) out of the cyclic collector's full collections.
-
-	A full collection walks every tracked object, and one runs every few hundred young
-	ones; under long-polling, whose requests allocate and free objects all the time, that
-	was a pause of 50 to 70 ms every second or so, in which no client is answered: the
-	long-polling latency tail. Frozen, the start-up heap is no longer walked; what clients
-	and requests allocate is collected as before, at Python's own thresholds. Garbage
-	still around at start-up is collected first, so none of it is kept for good."""
-	gc.collect()
-	gc.freeze()
-
-
 def serve(config: Config) -> int:
 	"""Run until SIGTERM/SIGINT, drain, and return the exit status. The backend has
 	patched the standard library already (see ``__main__``)."""
@@ -563,6 +549,7 @@ def serve(config: Config) -> int:
 	signal.signal(signal.SIGINT, server.request_stop)
 	server.start_background()
 	freeze_start_up_heap()
+	server.sio.start_background_task(Collector(server.sio.sleep).run)
 	server.sio.start_background_task(server.backend.wsgi_server(sock, server.wsgi, config, lambda: not server.draining))
 	logger.info("%s; open-file limit %d; process=%s", config.describe(), files, server.process)
 	while not server.stop_requested:
