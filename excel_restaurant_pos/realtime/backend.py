@@ -196,9 +196,27 @@ class Gevent(Backend):
 				else:
 					super().do_close(sock, *args)
 
+		class Application:
+			"""The app, as gevent-websocket looks for it when a websocket closes: with a
+			``current_app`` whose ``on_close`` it calls. Without one it builds a class for
+			every such call, each in reference cycles that only the cyclic collector frees."""
+
+			def __init__(self, app: Callable):
+				self.app = app
+
+			def __call__(self, environ: dict, start_response: Callable) -> Any:
+				return self.app(environ, start_response)
+
+			@property
+			def current_app(self) -> Application:
+				return self
+
+			def on_close(self, *reason: Any) -> None:
+				pass
+
 		server = Server(
 			sock,
-			app,
+			Application(app),
 			spawn=Pool(config.max_connections),
 			handler_class=Handler,
 			log=None,

@@ -355,6 +355,12 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 				self.task_done()
 			self.queue.extend([None] * marks)
 
+		def let_go(self) -> None:
+			"""Engine.IO has forgotten the socket: nothing here will be sent, and the socket,
+			the writer and the websocket, which hold this queue as it holds them, are let go."""
+			self.discard()
+			self.owner = self.drainer = self.websocket = self.connection = None
+
 		def write_now(self, packets: list[Any]) -> bool:
 			"""Write ``packets`` without the writer, in one ``send()``, when that keeps the
 			order; ``False`` when they must go through the queue."""
@@ -380,19 +386,22 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			self.progress_at = time.monotonic()
 			return True
 
-	class TrackedWebSocket(websocket_class):
-		"""Remembers the client's TCP socket on its Engine.IO socket, and the websocket on its
-		queue for direct writes."""
+	class WebSocketHandler:
+		"""Runs Engine.IO's websocket handler for ``owner`` with direct writes, or serves the
+		websocket with its reader alone where it can. Kept apart from the WSGI wrapper that
+		calls it: were it the wrapper's own method, the wrapper would hold itself in a cycle
+		with the Engine.IO socket and the connection's socket, which only a full collection
+		frees, long after the client left."""
 
-		def __init__(self, handler: Any, server: Any):
-			self.owner = getattr(handler, "__self__", None)
-			self.engineio_handler = handler
+		__slots__ = ("owner", "handler", "detach")
+
+		def __init__(self, owner: Any, handler: Callable[[Any], Any]):
+			self.owner, self.handler = owner, handler
 			#: How the connection may leave its HTTP request, where the server offers it.
 			self.detach: Callable[[], Any] | None = None
-			super().__init__(self.run if self.owner is not None else handler, server)
 
-		def run(self, websocket: Any) -> Any:
-			owner, handler = self.owner, self.engineio_handler
+		def __call__(self, websocket: Any) -> Any:
+			owner, handler = self.owner, self.handler
 			direct = backend.direct_websocket(websocket)
 			owner.queue.owner = owner
 			if direct is not None:
@@ -407,16 +416,26 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 				else:  # detached and open: the handler that returns now must not close it
 					websocket._send_closing_frame = _no_closing_frame
 
+	class TrackedWebSocket(websocket_class):
+		"""Remembers the client's TCP socket on its Engine.IO socket, and the websocket on its
+		queue for direct writes (:class:`WebSocketHandler`)."""
+
+		def __init__(self, handler: Any, server: Any):
+			owner = getattr(handler, "__self__", None)
+			self.websocket_handler = WebSocketHandler(owner, handler) if owner is not None else None
+			super().__init__(self.websocket_handler or handler, server)
+
 		def __call__(self, environ: dict, start_response: Any) -> Any:
-			if self.owner is not None:
-				sock = self.owner.transport_socket = backend.tcp_socket(environ)
+			owner = self.websocket_handler.owner if self.websocket_handler is not None else None
+			if owner is not None:
+				sock = owner.transport_socket = backend.tcp_socket(environ)
 				if sock is not None:  # as Engine.IO sets where it can reach the socket itself
-					sock.settimeout(self.owner.server.ping_interval + self.owner.server.ping_timeout)
-				self.detach = environ.get(DETACH)
+					sock.settimeout(owner.server.ping_interval + owner.server.ping_timeout)
+				self.websocket_handler.detach = environ.get(DETACH)
 			try:
 				return super().__call__(environ, start_response)
 			finally:
-				websocket = getattr(getattr(self.owner, "queue", None), "websocket", None)
+				websocket = getattr(getattr(owner, "queue", None), "websocket", None)
 				if websocket is not None:
 					websocket.__dict__.pop("_send_closing_frame", None)  # the drainer closes it at the end
 
@@ -636,6 +655,11 @@ class Heartbeat:
 		if hasattr(eio_socket, "last_ping") and hasattr(eio_socket, "_send_ping"):
 			eio_socket.schedule_ping = lambda: self.schedule(eio_socket)
 
+	def forget(self, eio_socket: Any) -> None:
+		"""Give a socket Engine.IO has forgotten its own ``schedule_ping`` back (ours holds
+		the socket: a cycle)."""
+		vars(eio_socket).pop("schedule_ping", None)
+
 	def schedule(self, eio_socket: Any) -> None:
 		"""As Engine.IO's: a new ping only once the last one was answered."""
 		if eio_socket.last_ping:
@@ -671,7 +695,10 @@ class Heartbeat:
 
 class WatchedSockets(dict):
 	"""Engine.IO's sid → socket table, handing each new socket to the :class:`Heartbeat`
-	before Engine.IO schedules its first ping."""
+	before Engine.IO schedules its first ping, and letting go of what a socket holds in
+	reference cycles once Engine.IO forgets it (every ``del`` of the table): its ping
+	schedule, its queue's writer and websocket. Left to the cyclic collector, a client that
+	left would be freed only by a full collection, with its connection and buffers."""
 
 	def __init__(self, heartbeat: Heartbeat, *args: Any):
 		super().__init__(*args)
@@ -681,3 +708,11 @@ class WatchedSockets(dict):
 		if sid not in self:
 			self.heartbeat.watch(eio_socket)
 		super().__setitem__(sid, eio_socket)
+
+	def __delitem__(self, sid: str) -> None:
+		eio_socket = self[sid]
+		super().__delitem__(sid)
+		self.heartbeat.forget(eio_socket)
+		let_go = getattr(getattr(eio_socket, "queue", None), "let_go", None)
+		if let_go is not None:
+			let_go()
