@@ -232,19 +232,21 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 		def drain(self) -> None:
 			"""Start a green thread that sends what waits here, unless one runs or the
 			websocket is still being upgraded (Engine.IO holds sends until it is)."""
-			if self.drainer is None and self.owner.upgraded and not self.owner.upgrading:
+			owner = self.owner  # none once Engine.IO has forgotten the socket (let_go)
+			if self.drainer is None and owner is not None and owner.upgraded and not owner.upgrading:
 				self.drainer = spawn(self._drain, self.websocket)
 
 		def _drain(self, websocket: Any) -> None:
 			"""Send packets in order until none waits; at the end mark, close the websocket
-			as Engine.IO's writer does. A failed send closes it too, and leaves the drainer in
-			place so nothing else is written to a broken socket."""
+			as Engine.IO's writer does. A failed send closes it too. Either way the drainer
+			ends for good (:data:`STOPPED`), so nothing else is written to a closed socket."""
 			try:
 				while self.queue:
 					item = queue_class.get(self, False)
 					self.task_done()
 					if item is None:
 						self.close_websocket(websocket)
+						self.drainer = STOPPED
 						return
 					frame = websocket_frame(websocket, item)
 					with websocket._sendlock:
@@ -252,6 +254,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			except Exception as exc:
 				logger.debug("websocket write failed: %s", exc)  # the reader sees the closed socket
 				self.close_websocket(websocket)
+				self.drainer = STOPPED
 				return
 			self.drainer = None
 
@@ -357,9 +360,10 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 
 		def let_go(self) -> None:
 			"""Engine.IO has forgotten the socket: nothing here will be sent, and the socket,
-			the writer and the websocket, which hold this queue as it holds them, are let go."""
+			which holds this queue as it holds the socket, is let go. (A drainer still at work
+			keeps its websocket and connection, and closes them at the end mark.)"""
 			self.discard()
-			self.owner = self.drainer = self.websocket = self.connection = None
+			self.owner = None
 
 		def write_now(self, packets: list[Any]) -> bool:
 			"""Write ``packets`` without the writer, in one ``send()``, when that keeps the
@@ -611,6 +615,17 @@ def websocket_frame(websocket: Any, packet: Any) -> bytes:
 	if frame is None:
 		frame = packet.websocket_frame = websocket._pack_message(packet.encode())
 	return frame
+
+
+class _Stopped:
+	"""A drainer that has ended for good: nothing more is drained, and no thread is kept
+	that would hold its queue in a reference cycle (the thread holds the queue's method)."""
+
+	def join(self) -> None:
+		pass
+
+
+STOPPED = _Stopped()
 
 
 def socket_closed(websocket: Any) -> bool:
