@@ -310,6 +310,7 @@ def test_exactly_once_and_in_order_through_random_drops(proxied, js, publish, tr
 	assert numbers == list(range(total)), f"{len(numbers)} events, first differences at {next((i for i, (a, b) in enumerate(zip(numbers, range(total))) if a != b), None)}"
 	assert all(item["recovered"] for item in connects(js, "kitchen")[1:])
 	assert drops > 3
+	assert "Traceback" not in server.log()  # connections that break are no error of the server's
 
 
 def events_of(ws: websocket.WebSocket, until: str) -> list[list]:

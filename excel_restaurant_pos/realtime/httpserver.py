@@ -221,6 +221,9 @@ class Connection:
 				# After an upgrade the parser reads no more: a websocket took the connection,
 				# or the request was answered as plain HTTP, and the connection ends.
 				open_ = open_ and not upgrade
+		except (ConnectionResetError, BrokenPipeError) as exc:
+			# A client that left (a lost network, a closed tab): nothing went wrong here.
+			log.debug("connection from %s lost: %s", self.remote[0], exc)
 		except Exception:
 			log.exception("error on an HTTP connection")
 		finally:
