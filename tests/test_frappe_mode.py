@@ -128,3 +128,20 @@ def test_dead_or_garbage_frappe_refuses_with_reason(realtime, frappe_standin, js
 	frappe_standin.garbage = True
 	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, env=SITES)
 	assert js.connect("junk", server.url + "/site1.local", token=token())["message"] == "Unauthorized: Frappe did not accept the token"
+
+
+
+def test_a_client_that_leaves_while_frappe_checks_its_token_leaves_nothing_behind(realtime, frappe_standin, js):
+	"""Socket.IO runs no disconnect handler for a socket that is still connecting, though the
+	socket can close meanwhile (here a long-poller that cannot answer pings while its connect
+	request waits on a slow Frappe): it must not stay counted, holding the one connection its
+	user may have, nor linger in its rooms."""
+	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, frappe_timeout=5, connections_per_user=1, ping_interval=1, ping_timeout=1, env=SITES)
+	url = server.url + "/excel_restaurant_pos/site1.local"
+	frappe_standin.delay = 3
+	js.send(cmd="connect", id="lost", url=url, opts={"transports": ["polling"], "auth": {"token": token()}, "reconnection": False})
+	wait_for(lambda: server.metric("excel_pos_realtime_connects_total", result="ok") == 1, 10, message="the slow check to end")
+	frappe_standin.delay = 0
+	assert js.connect("back", url, token=token())["type"] == "connect"
+	assert server.metric("excel_pos_realtime_connections", site="site1.local") == 1
+	assert not [item for item in js.events if item.get("id") == "lost" and item["type"] == "connect"]

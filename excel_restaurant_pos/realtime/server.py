@@ -142,7 +142,7 @@ class RealtimeServer:
 
 	# -- connect flow ---------------------------------------------------------------------
 
-	def on_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None) -> None:
+	def on_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None) -> bool | None:
 		session = None
 		try:
 			site = site_for(namespace, self.config)
@@ -186,6 +186,17 @@ class RealtimeServer:
 			identity.site, identity.user, identity.user_type, namespace, sid, token_fingerprint(identity.token),
 			(" recovered" if restored else " recoverable") if session is not None else "",
 		)
+		if self._closed_while_connecting(sid, namespace):
+			# Socket.IO runs no disconnect handler for a socket that closed while its connect
+			# handler waited (on Frappe, on Redis): run it here, or the socket would stay
+			# counted, in its rooms and holding its session, with no client behind it.
+			self.on_disconnect(namespace, sid, "closed while connecting")
+			return False
+		return None
+
+	def _closed_while_connecting(self, sid: str, namespace: str) -> bool:
+		eio_socket = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, namespace))
+		return eio_socket is None or eio_socket.closed or eio_socket.closing
 
 	def on_connected(self, sid: str) -> None:
 		"""The CONNECT reply is out: a recovering socket gets what it missed, then live events."""
