@@ -351,3 +351,57 @@ def test_a_client_cut_off_for_not_reading_recovers_the_rest(realtime, publish):
 	back.close()
 	assert [args[1]["n"] for args in got if args[0] == "bulk"] == list(range(300))
 	assert all(isinstance(args[-1], str) for args in got)
+
+
+def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(redis_url, tmp_path):
+	"""A client whose connect was cut off asks again with the same ``pid`` while the first
+	connect still waits on Redis: the newer socket gets the session, the older one is closed
+	and, when its wait ends, starts a session of its own and stores nothing over the newer's."""
+	from excel_restaurant_pos.realtime import log as event_log
+	from excel_restaurant_pos.realtime.config import load_config
+	from excel_restaurant_pos.realtime.recovery import SESSION_PREFIX, Recovery
+
+	client = redis.Redis.from_url(redis_url)
+	aborted: list[str] = []
+	site, namespace, user = "default", NS, "cook@example.com"
+	recovery = Recovery(load_config(env={}, cwd=tmp_path), "p1", client, {site: event_log.last_offset(client, site)}, lambda sid, _: aborted.append(sid))
+
+	def connect(sid: str, auth: dict) -> tuple:
+		recovery.hold(sid, namespace, site)
+		session, restored = recovery.restore(sid, user, auth)
+		recovery.save(session)
+		return session, restored
+
+	first, _ = connect("sid1", {})
+	recovery.connected("sid1", lambda delivery: None)
+	recovery.close("sid1")  # its client lost the connection
+	recovery.drop("sid1")
+	pid = first.pid
+
+	taking, go_on = threading.Event(), threading.Event()
+	take = recovery._take
+
+	def slow_take(**kwargs):  # the first connect's Redis call, answered late
+		recovery._take = take
+		taking.set()
+		go_on.wait(10)
+		return take(**kwargs)
+
+	recovery._take = slow_take
+	overtaken: list[tuple] = []
+	waiting = threading.Thread(target=lambda: overtaken.append(connect("sid2", {"pid": pid})))
+	waiting.start()
+	assert taking.wait(10)
+	newer, restored = connect("sid3", {"pid": pid})
+	go_on.set()
+	waiting.join(10)
+	assert (newer.pid, restored, aborted) == (pid, True, ["sid2"])
+	(older, older_restored), = overtaken
+	assert older_restored is False and older.pid != pid
+	recovery.close("sid2")  # its disconnect, once its connect handler sees it closed
+	recovery.drop("sid2")
+	assert client.get(SESSION_PREFIX + pid) is None  # nothing stored over the live session
+	recovery.close("sid3")  # and the newer socket's client can still come back to it
+	recovery.drop("sid3")
+	again, restored = connect("sid4", {"pid": pid})
+	assert (again.pid, restored) == (pid, True)

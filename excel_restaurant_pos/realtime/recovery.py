@@ -190,8 +190,13 @@ class Recovery:
 		"""Forget a socket: its connect was refused, it moved to another process, or its
 		disconnect is over (after :meth:`close`)."""
 		session = self.live.pop(sid, None)
-		if session is not None and self._pids.get(session.pid) == sid:
-			del self._pids[session.pid]
+		if session is not None:
+			self._let_go_of(session.pid, sid)
+
+	def _let_go_of(self, pid: str, sid: str) -> None:
+		"""``sid`` no longer stands for ``pid`` (unless a newer socket took it already)."""
+		if self._pids.get(pid) == sid:
+			del self._pids[pid]
 
 	def restore(self, sid: str, user: str, auth: dict) -> tuple[Session, bool]:
 		"""Turn the held session of ``sid`` into the one its ``pid`` names, when it may be;
@@ -203,15 +208,17 @@ class Recovery:
 			return self._begin(sid, session), False
 		offset = auth.get("offset") if log.is_offset(auth.get("offset")) else None
 		try:
-			result, stored = self._claim(pid, session, user)
+			result, stored = self._claim(pid, sid, session, user)
 			if stored is not None:
 				start = self._replay_start(stored, offset)
 				if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
 					result, stored = "expired", None  # what it missed is no longer in the log
 		except Exception as exc:  # Redis is down or the record is damaged: start afresh
+			self._let_go_of(pid, sid)
 			logger.warning("recovery unavailable site=%s user=%s: %s", session.site, user, exc)
 			return self._begin(sid, session), False
 		if stored is None:
+			self._let_go_of(pid, sid)
 			metrics.RECOVERIES.labels(result).inc()
 			logger.info("recovery refused (%s) site=%s user=%s", result, session.site, user)
 			if result == "expired":
@@ -244,9 +251,14 @@ class Recovery:
 		except Exception:  # its record expires with this process's hash
 			pass
 
+	def _owns(self, session: Session, sid: str | None) -> bool:
+		"""Whether ``session`` is the one socket ``sid`` has and the one its ``pid`` names."""
+		return sid is not None and self.live.get(sid) is session and self._pids.get(session.pid) == sid
+
 	def _begin(self, sid: str, session: Session) -> Session:
 		session.sids = [sid]
-		self._pids[session.pid] = sid
+		if self.live.get(sid) is session:  # not a socket dropped meanwhile (see :meth:`moved`)
+			self._pids[session.pid] = sid
 		return session
 
 	def start_over(self, sid: str) -> Session:
@@ -276,19 +288,27 @@ class Recovery:
 		if session is not None:
 			self.save(session)
 
-	def _claim(self, pid: str, session: Session, user: str) -> tuple[str, Session | None]:
-		"""Load the session ``pid`` names and take it for this socket: ``(result, session)``,
-		with ``None`` when it cannot be recovered. Another user's token takes nothing."""
+	def _claim(self, pid: str, sid: str, session: Session, user: str) -> tuple[str, Session | None]:
+		"""Load the session ``pid`` names and take it for socket ``sid``: ``(result, session)``,
+		with ``None`` when it cannot be recovered. Another user's token takes nothing.
+
+		The newest socket to ask for a ``pid`` has it: a client whose connect was cut off
+		asks again with the same ``pid`` while the first connect may still wait on Redis
+		here. That one is closed, and when its wait ends it finds the ``pid`` gone
+		(``superseded``) and leaves the session to the newer socket."""
 		old_sid = self._pids.get(pid)
 		if old_sid is not None:  # its old socket has not noticed yet that its client left
 			old = self.live.get(old_sid)
 			if old is None or (old.user, old.site, old.namespace) != (user, session.site, session.namespace):
 				return "user_mismatch", None
 			self.abort(old_sid, old.namespace)  # runs its disconnect, which stores the session
+		self._pids[pid] = sid
 		taken = self._take(
 			keys=[SESSION_PREFIX + pid, HOLDER_PREFIX + pid, self.process_key],
 			args=[pid, user, session.site, session.namespace, self.process, PROCESS_PREFIX, self._ttl(), CONTROL_CHANNEL],
 		)
+		if self._pids.get(pid) != sid:
+			return "superseded", None  # what it took stays in this process's hash for the newer one
 		if taken[0] != b"taken" and taken[0] != "taken":
 			return log.text(taken[0]), None
 		raw, where, seen, positions = (log.text(value) for value in taken[1:])
@@ -333,7 +353,7 @@ class Recovery:
 	def save(self, session: Session) -> None:
 		"""Write a live session's record now (at connect and when its rooms change), unless
 		another process has taken it meanwhile."""
-		if session.closing or (session.sids[-1:] and self.live.get(session.sids[-1]) is not session):
+		if session.closing or not self._owns(session, session.sids[-1] if session.sids else None):
 			return
 		try:
 			pipe = self.redis.pipeline(transaction=True)
@@ -356,6 +376,8 @@ class Recovery:
 		if session is None:
 			return
 		session.closing = True
+		if not self._owns(session, sid):
+			return  # a newer socket of its client has the session (see :meth:`_claim`)
 		if session.held is not None:
 			if session.replay_from is None:
 				return  # a new session whose client never heard of it
@@ -388,16 +410,13 @@ class Recovery:
 			self._snapshot_failing = True
 
 	def _write_snapshot(self) -> None:
-		changed = {
-			session.pid: session.to_json()
-			for session in self.live.values()
-			if session.held is None and self._written.get(session.pid, "") != session.last_sent
-		}
+		owned = [session for sid, session in self.live.items() if session.held is None and self._owns(session, sid)]
+		changed = {session.pid: session.to_json() for session in owned if self._written.get(session.pid, "") != session.last_sent}
 		pipe = self.redis.pipeline(transaction=True)
 		pipe.hset(self.process_key, mapping={**changed, "@seen": repr(time.time()), "@positions": json.dumps(self.positions)})
 		pipe.expire(self.process_key, self._ttl())
 		pipe.execute()
-		for session in self.live.values():
+		for session in owned:
 			if session.pid in changed:
 				self._written[session.pid] = session.last_sent
 
