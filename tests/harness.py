@@ -223,6 +223,7 @@ class TcpProxy:
 			except OSError:
 				_reset(client)
 				continue
+			upstream.settimeout(None)  # the 5 s bound the connect only: a long-poll is quiet for longer
 			with self._lock:  # a kill() from here on sees this pair
 				if self.refusing:
 					_reset(client)

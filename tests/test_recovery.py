@@ -7,12 +7,14 @@ publishes, so "during the gap" is a fact, not a race."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -55,6 +57,18 @@ def events(js, client: str, names: tuple[str, ...]) -> list[tuple[str, list]]:
 	"""The client's events of those names, in the order they arrived, with all arguments."""
 	with js._lock:
 		return [(item["event"], item["args"]) for item in js.events if item.get("id") == client and item.get("type") == "event" and item["event"] in names]
+
+
+@contextlib.contextmanager
+def explained(js, client: str, server) -> Iterator[None]:
+	"""On a failure, say what the client last saw besides events and what the server logged:
+	a chaos test that fails once in many runs must say why the first time."""
+	try:
+		yield
+	except AssertionError as exc:
+		with js._lock:
+			seen = [item for item in js.events if item.get("id") == client and item["type"] not in ("event", "ping")]
+		raise AssertionError(f"{exc}\nclient {client}, last of {len(seen)}: {seen[-12:]}\nserver log, last lines:\n{server.log()[-6000:]}") from None
 
 
 def frappe_v15(redis_url: str, site: str, event: str, message, room=None) -> None:
@@ -286,26 +300,32 @@ def test_exactly_once_and_in_order_through_random_drops(proxied, js, publish, tr
 			if n % 10 == 9:
 				time.sleep(0.01)  # a steady stream rather than one burst, long enough for many drops
 
-	def disconnects() -> int:
+	def since(mark: int, kind: str) -> bool:
+		"""Whether the client had a ``kind`` event after the first ``mark`` events. (Counting
+		them would not do: a kill that lands after a reconnect's handshake but before its
+		connect makes the client report a disconnect without a connect.)"""
 		with js._lock:
-			return sum(1 for item in js.events if item.get("id") == "kitchen" and item["type"] == "disconnect")
+			return any(item.get("id") == "kitchen" and item["type"] == kind for item in js.events[mark:])
 
 	publisher = threading.Thread(target=publish_all)
 	publisher.start()
 	drops = 0
-	while publisher.is_alive() and drops < 30:
-		drops += 1
-		if chaos.random() < 0.5:
-			# A poll between two requests has no connection to kill: kill until one breaks.
-			wait_for(lambda: proxy.kill() and False or disconnects() >= drops, 20, 0.2, "a killed connection")
-		else:
-			js.send(cmd="drop", id="kitchen")
-		wait_connects(js, "kitchen", drops + 1)
-		flowing = len(js.received("kitchen", "seq")) + 25
-		wait_for(lambda: len(js.received("kitchen", "seq")) >= flowing or not publisher.is_alive(), 30, message="events flowing again")
-	publisher.join(60)
-	publish.publish_to_room("stream", "end", {})
-	js.wait_event("kitchen", "end", timeout=30)
+	with explained(js, "kitchen", server):
+		while publisher.is_alive() and drops < 30:
+			drops += 1
+			with js._lock:
+				mark = len(js.events)
+			if chaos.random() < 0.5:
+				# A poll between two requests has no connection to kill: kill until one breaks.
+				wait_for(lambda: proxy.kill() and False or since(mark, "disconnect"), 20, 0.2, "a killed connection")
+			else:
+				js.send(cmd="drop", id="kitchen")
+			wait_for(lambda: since(mark, "connect"), 20, message=f"the reconnect after drop #{drops}")
+			flowing = len(js.received("kitchen", "seq")) + 25
+			wait_for(lambda: len(js.received("kitchen", "seq")) >= flowing or not publisher.is_alive(), 30, message="events flowing again")
+		publisher.join(60)
+		publish.publish_to_room("stream", "end", {})
+		js.wait_event("kitchen", "end", timeout=30)
 	numbers = [args[0]["n"] for args in js.received("kitchen", "seq")]
 	assert numbers == list(range(total)), f"{len(numbers)} events, first differences at {next((i for i, (a, b) in enumerate(zip(numbers, range(total))) if a != b), None)}"
 	assert all(item["recovered"] for item in connects(js, "kitchen")[1:])
