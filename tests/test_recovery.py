@@ -373,7 +373,8 @@ def test_a_client_cut_off_for_not_reading_recovers_the_rest(realtime, publish):
 	assert all(isinstance(args[-1], str) for args in got)
 
 
-def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(redis_url, tmp_path):
+@pytest.mark.parametrize("waiting_on", ["taking the session", "checking the log"])
+def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(redis_url, tmp_path, monkeypatch, waiting_on):
 	"""A client whose connect was cut off asks again with the same ``pid`` while the first
 	connect still waits on Redis: the newer socket gets the session, the older one is closed
 	and, when its wait ends, starts a session of its own and stores nothing over the newer's."""
@@ -398,23 +399,28 @@ def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(re
 	recovery.drop("sid1")
 	pid = first.pid
 
-	taking, go_on = threading.Event(), threading.Event()
-	take = recovery._take
+	waiting, go_on = threading.Event(), threading.Event()
 
-	def slow_take(**kwargs):  # the first connect's Redis call, answered late
-		recovery._take = take
-		taking.set()
-		go_on.wait(10)
-		return take(**kwargs)
+	def answered_late(call):  # the first connect's Redis call, answered late
+		def late(*args, **kwargs):
+			if not waiting.is_set():
+				waiting.set()
+				go_on.wait(10)
+			return call(*args, **kwargs)
 
-	recovery._take = slow_take
+		return late
+
+	if waiting_on == "taking the session":
+		recovery._take = answered_late(recovery._take)
+	else:
+		monkeypatch.setattr(event_log, "was_trimmed_after", answered_late(event_log.was_trimmed_after))
 	overtaken: list[tuple] = []
-	waiting = threading.Thread(target=lambda: overtaken.append(connect("sid2", {"pid": pid})))
-	waiting.start()
-	assert taking.wait(10)
+	older_connect = threading.Thread(target=lambda: overtaken.append(connect("sid2", {"pid": pid})))
+	older_connect.start()
+	assert waiting.wait(10)
 	newer, restored = connect("sid3", {"pid": pid})
 	go_on.set()
-	waiting.join(10)
+	older_connect.join(10)
 	assert (newer.pid, restored, aborted) == (pid, True, ["sid2"])
 	(older, older_restored), = overtaken
 	assert older_restored is False and older.pid != pid

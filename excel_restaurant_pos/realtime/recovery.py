@@ -211,7 +211,10 @@ class Recovery:
 			result, stored = self._claim(pid, sid, session, user)
 			if stored is not None:
 				start = self._replay_start(stored, offset)
-				if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
+				trimmed = log.was_trimmed_after(self.redis, stored.site, start, self.max_events)
+				if self._pids.get(pid) != sid:
+					result, stored = "superseded", None  # a newer connect asked while this one read
+				elif trimmed:
 					result, stored = "expired", None  # what it missed is no longer in the log
 		except Exception as exc:  # Redis is down or the record is damaged: start afresh
 			self._let_go_of(pid, sid)
