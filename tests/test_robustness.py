@@ -16,7 +16,7 @@ import time
 import pytest
 import socketio
 import websocket
-from harness import wait_for
+from harness import TcpProxy, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_connect import token, unsigned_token
@@ -433,14 +433,17 @@ def test_soak_with_reconnect_churn(realtime, js, publish, redis_url):
 	assert "Traceback" not in server.log()
 
 
-def test_clients_that_leave_are_freed_as_they_leave_not_by_the_cyclic_collector(realtime, js):
+@pytest.mark.parametrize("leaving", ["disconnect", "reset"])
+def test_clients_that_leave_are_freed_as_they_leave_not_by_the_cyclic_collector(realtime, js, leaving):
 	"""What a client held (its Engine.IO socket and queue, its websocket, its connection) is
-	in no reference cycle once it has left, so it is freed at once. In cycles, every client
-	that left waited for a full collection, ten seconds apart at the most often, and under
-	reconnect churn memory grew with them. Counted by the collector's own figures on
-	``/metrics``, over full collections after the clients left. (The heartbeat holds a closed
-	socket until its next ping was due: a short ping interval lets go of them sooner.)"""
-	server = realtime(ping_interval=1, ping_timeout=5)
+	in no reference cycle once it has left, so it is freed at once, whether it said goodbye
+	or its connection was reset under it (a lost network). In cycles, every client that left
+	waited for a full collection, ten seconds apart at the most often, and under reconnect
+	churn memory grew with them. Counted by the collector's own figures on ``/metrics``, over
+	full collections after the clients left. (The heartbeat holds a closed socket until its
+	next ping was due: a short ping interval lets go of them sooner.)"""
+	server = realtime(ping_interval=1, ping_timeout=2)
+	proxy = TcpProxy(server.port)
 
 	def collected() -> float:
 		return sum(server.metric("python_gc_objects_collected_total", generation=g) for g in "012")
@@ -449,10 +452,15 @@ def test_clients_that_leave_are_freed_as_they_leave_not_by_the_cyclic_collector(
 	clients = [f"leaver{n}" for n in range(200)]
 	for n, client in enumerate(clients):
 		transport = "websocket" if n % 2 else "polling"
-		assert js.connect(client, server.url + NS, token=token(f"{client}@example.com"), transport=transport)["type"] == "connect"
-	for client in clients:
-		js.disconnect(client)
+		assert js.connect(client, proxy.url + NS, token=token(f"{client}@example.com"), transport=transport, reconnection=False)["type"] == "connect"
+	if leaving == "reset":
+		proxy.refusing = True  # a poll between two requests would otherwise just open a new connection
+		proxy.kill()
+	else:
+		for client in clients:
+			js.disconnect(client)
 	wait_for(lambda: server.health()[1]["clients"] == 0, 30, message="every client to leave")
+	proxy.close()
 	full_collections = server.metric("python_gc_collections_total", generation="2")
 	# The first may have come before the heartbeat let go of the last socket; the second has not.
 	wait_for(lambda: server.metric("python_gc_collections_total", generation="2") >= full_collections + 2, 40, message="two full collections")
