@@ -208,30 +208,19 @@ class Recovery:
 			return self._begin(sid, session), False
 		offset = auth.get("offset") if log.is_offset(auth.get("offset")) else None
 		try:
-			result, stored = self._claim(pid, sid, session, user)
-			if stored is not None:
-				start = self._replay_start(stored, offset)
-				trimmed = log.was_trimmed_after(self.redis, stored.site, start, self.max_events)
-				if self._pids.get(pid) != sid:
-					result, stored = "superseded", None  # a newer connect asked while this one read
-				elif trimmed:
-					result, stored = "expired", None  # what it missed is no longer in the log
+			result, stored = self._claim(pid, sid, session, user, offset)
 		except Exception as exc:  # Redis is down or the record is damaged: start afresh
-			self._let_go_of(pid, sid)
 			logger.warning("recovery unavailable site=%s user=%s: %s", session.site, user, exc)
 			return self._begin(sid, session), False
 		if stored is None:
-			self._let_go_of(pid, sid)
 			metrics.RECOVERIES.labels(result).inc()
 			logger.info("recovery refused (%s) site=%s user=%s", result, session.site, user)
 			if result == "expired":
 				self._discard(pid)
 			return self._begin(sid, session), False
 		stored.held, stored.reported = session.held, log.later(offset, stored.reported)
-		stored.replay_from = stored.replayed_to = start
 		stored.sids = [*stored.sids[-(KEPT_SIDS - 1) :], sid]
 		self.live[sid] = stored
-		self._pids[stored.pid] = sid
 		return stored, True
 
 	@staticmethod
@@ -254,8 +243,10 @@ class Recovery:
 		except Exception:  # its record expires with this process's hash
 			pass
 
-	def _owns(self, session: Session, sid: str | None) -> bool:
-		"""Whether ``session`` is the one socket ``sid`` has and the one its ``pid`` names."""
+	def _owns(self, session: Session) -> bool:
+		"""Whether ``session`` is its socket's (its last sid's), and that socket the one its
+		``pid`` names: not a copy a newer socket of its client took over (see :meth:`_claim`)."""
+		sid = session.sids[-1] if session.sids else None
 		return sid is not None and self.live.get(sid) is session and self._pids.get(session.pid) == sid
 
 	def _begin(self, sid: str, session: Session) -> Session:
@@ -291,9 +282,9 @@ class Recovery:
 		if session is not None:
 			self.save(session)
 
-	def _claim(self, pid: str, sid: str, session: Session, user: str) -> tuple[str, Session | None]:
-		"""Load the session ``pid`` names and take it for socket ``sid``: ``(result, session)``,
-		with ``None`` when it cannot be recovered. Another user's token takes nothing.
+	def _claim(self, pid: str, sid: str, session: Session, user: str, offset: str | None) -> tuple[str, Session | None]:
+		"""Take the session ``pid`` names for socket ``sid``: ``(result, session)``, with
+		``None`` when it cannot be recovered. Another user's token takes nothing.
 
 		The newest socket to ask for a ``pid`` has it: a client whose connect was cut off
 		asks again with the same ``pid`` while the first connect may still wait on Redis
@@ -306,12 +297,24 @@ class Recovery:
 				return "user_mismatch", None
 			self.abort(old_sid, old.namespace)  # runs its disconnect, which stores the session
 		self._pids[pid] = sid
+		try:
+			result, stored = self._load(pid, session, user, offset)
+		except Exception:
+			self._let_go_of(pid, sid)
+			raise
+		if self._pids.get(pid) != sid:
+			return "superseded", None  # what it took stays in this process's hash for the newer one
+		if stored is None:
+			self._let_go_of(pid, sid)
+		return result, stored
+
+	def _load(self, pid: str, session: Session, user: str, offset: str | None) -> tuple[str, Session | None]:
+		"""Take the session's record from Redis, wherever it is, and check that what its
+		client missed is still in the log; the replay's start is set on the session."""
 		taken = self._take(
 			keys=[SESSION_PREFIX + pid, HOLDER_PREFIX + pid, self.process_key],
 			args=[pid, user, session.site, session.namespace, self.process, PROCESS_PREFIX, self._ttl(), CONTROL_CHANNEL],
 		)
-		if self._pids.get(pid) != sid:
-			return "superseded", None  # what it took stays in this process's hash for the newer one
 		if taken[0] != b"taken" and taken[0] != "taken":
 			return log.text(taken[0]), None
 		raw, where, seen, positions = (log.text(value) for value in taken[1:])
@@ -321,6 +324,10 @@ class Recovery:
 			stored.position = json.loads(positions).get(stored.site) if positions else None
 		if stored.left_at is None or time.time() - stored.left_at > self.window:
 			return "expired", None
+		start = self._replay_start(stored, offset)
+		if log.was_trimmed_after(self.redis, stored.site, start, self.max_events):
+			return "expired", None  # what it missed is no longer in the log
+		stored.replay_from = stored.replayed_to = start
 		return "recovered", stored
 
 	def replay(self, session: Session, scope_namespaces: Callable[[str], tuple[str, ...]], auto_rooms: tuple[str, ...]) -> None:
@@ -356,7 +363,7 @@ class Recovery:
 	def save(self, session: Session) -> None:
 		"""Write a live session's record now (at connect and when its rooms change), unless
 		another process has taken it meanwhile."""
-		if session.closing or not self._owns(session, session.sids[-1] if session.sids else None):
+		if session.closing or not self._owns(session):
 			return
 		try:
 			pipe = self.redis.pipeline(transaction=True)
@@ -379,7 +386,7 @@ class Recovery:
 		if session is None:
 			return
 		session.closing = True
-		if not self._owns(session, sid):
+		if not self._owns(session):
 			return  # a newer socket of its client has the session (see :meth:`_claim`)
 		if session.held is not None:
 			if session.replay_from is None:
@@ -413,7 +420,7 @@ class Recovery:
 			self._snapshot_failing = True
 
 	def _write_snapshot(self) -> None:
-		owned = [session for sid, session in self.live.items() if session.held is None and self._owns(session, sid)]
+		owned = [session for session in self.live.values() if session.held is None and self._owns(session)]
 		changed = {session.pid: session.to_json() for session in owned if self._written.get(session.pid, "") != session.last_sent}
 		pipe = self.redis.pipeline(transaction=True)
 		pipe.hset(self.process_key, mapping={**changed, "@seen": repr(time.time()), "@positions": json.dumps(self.positions)})
