@@ -99,9 +99,13 @@ class IndexedManager(socketio.Manager):
 			for eio_pkt in packets:
 				eio_socket.queue.put(eio_pkt)
 
+	def eio_socket(self, sid: str, namespace: str) -> Any:
+		"""The Engine.IO socket under a Socket.IO socket, or ``None`` once it is gone."""
+		return self.server.eio.sockets.get(self.eio_sid_from_sid(sid, namespace))
+
 	def send(self, sid: str, namespace: str, delivery: Delivery) -> None:
 		"""Send one logged event to one recovering socket, with its offset (a replay)."""
-		eio_socket = self.server.eio.sockets.get(self.eio_sid_from_sid(sid, namespace))
+		eio_socket = self.eio_socket(sid, namespace)
 		if eio_socket is not None and not eio_socket.closed:
 			for eio_pkt in self.event_packets(namespace, delivery.event, delivery.message, delivery.offset):
 				eio_socket.queue.put(eio_pkt)

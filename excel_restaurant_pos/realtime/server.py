@@ -195,7 +195,7 @@ class RealtimeServer:
 		return None
 
 	def _closed_while_connecting(self, sid: str, namespace: str) -> bool:
-		eio_socket = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, namespace))
+		eio_socket = self.sio.manager.eio_socket(sid, namespace)
 		return eio_socket is None or eio_socket.closed or eio_socket.closing
 
 	def on_connected(self, sid: str) -> None:
@@ -258,7 +258,7 @@ class RealtimeServer:
 	def abort(self, sid: str, namespace: str) -> None:
 		"""Close a socket's transport now, running its disconnect (its client is back on
 		another connection; the old one only looked open)."""
-		eio_socket = self.sio.eio.sockets.get(self.sio.manager.eio_sid_from_sid(sid, namespace))
+		eio_socket = self.sio.manager.eio_socket(sid, namespace)
 		if eio_socket is not None:
 			eio_socket.close(wait=False, abort=True)
 
