@@ -130,7 +130,6 @@ def test_dead_or_garbage_frappe_refuses_with_reason(realtime, frappe_standin, js
 	assert js.connect("junk", server.url + "/site1.local", token=token())["message"] == "Unauthorized: Frappe did not accept the token"
 
 
-
 def test_a_client_that_leaves_while_frappe_checks_its_token_leaves_nothing_behind(realtime, frappe_standin, js):
 	"""Socket.IO runs no disconnect handler for a socket that is still connecting, though the
 	socket can close meanwhile (here a long-poller that cannot answer pings while its connect

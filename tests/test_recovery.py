@@ -387,13 +387,13 @@ def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(re
 	site, namespace, user = "default", NS, "cook@example.com"
 	recovery = Recovery(load_config(env={}, cwd=tmp_path), "p1", client, {site: event_log.last_offset(client, site)}, lambda sid, _: aborted.append(sid))
 
-	def connect(sid: str, auth: dict) -> tuple:
+	def connect_socket(sid: str, auth: dict) -> tuple:
 		recovery.hold(sid, namespace, site)
 		session, restored = recovery.restore(sid, user, auth)
 		recovery.save(session)
 		return session, restored
 
-	first, _ = connect("sid1", {})
+	first, _ = connect_socket("sid1", {})
 	recovery.connected("sid1", lambda delivery: None)
 	recovery.close("sid1")  # its client lost the connection
 	recovery.drop("sid1")
@@ -415,10 +415,10 @@ def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(re
 	else:
 		monkeypatch.setattr(event_log, "was_trimmed_after", answered_late(event_log.was_trimmed_after))
 	overtaken: list[tuple] = []
-	older_connect = threading.Thread(target=lambda: overtaken.append(connect("sid2", {"pid": pid})))
+	older_connect = threading.Thread(target=lambda: overtaken.append(connect_socket("sid2", {"pid": pid})))
 	older_connect.start()
 	assert waiting.wait(10)
-	newer, restored = connect("sid3", {"pid": pid})
+	newer, restored = connect_socket("sid3", {"pid": pid})
 	go_on.set()
 	older_connect.join(10)
 	assert (newer.pid, restored, aborted) == (pid, True, ["sid2"])
@@ -429,5 +429,5 @@ def test_a_connect_overtaken_by_its_clients_next_one_leaves_the_session_to_it(re
 	assert client.get(SESSION_PREFIX + pid) is None  # nothing stored over the live session
 	recovery.close("sid3")  # and the newer socket's client can still come back to it
 	recovery.drop("sid3")
-	again, restored = connect("sid4", {"pid": pid})
+	again, restored = connect_socket("sid4", {"pid": pid})
 	assert (again.pid, restored) == (pid, True)
