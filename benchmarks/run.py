@@ -209,7 +209,7 @@ class ServerProcess:
 
 	def start(self) -> None:
 		self._log = open(self.log_path, "ab")
-		self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile)
+		self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
 		deadline = time.monotonic() + 20
 		while time.monotonic() < deadline:
 			if self.process.poll() is not None:
@@ -241,7 +241,7 @@ class ServerProcess:
 		return self.process.returncode
 
 
-def _raise_nofile() -> None:
+def raise_nofile() -> None:
 	soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 	try:
 		resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -268,7 +268,7 @@ class LoadGen:
 		if scenario.keep_alive:
 			self.command.append("--keep-alive")
 		self._err = open(log, "ab")
-		self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1, preexec_fn=_raise_nofile)
+		self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1, preexec_fn=raise_nofile)
 		self.lines: queue.Queue[dict | None] = queue.Queue()
 		threading.Thread(target=self._read, daemon=True).start()
 		self.send_raw(json.dumps(tokens))
