@@ -57,6 +57,34 @@ def test_every_client_gets_every_event_once_whichever_process_holds_it(realtime,
 	assert raw.xlen(LOG) == 20 + 40 + 20 + 2  # each message logged once, by one process
 
 
+def test_events_published_together_are_read_from_the_log_together(realtime, redis_url):
+	"""A commit's events, published together, enter the log in one call: a process's log
+	reader, blocked until the next event, gets them all in one read, so each client gets
+	them in one write. Logged one by one, the reader would wake at the first."""
+	realtime()
+	raw = redis.Redis.from_url(redis_url)
+	wait_for(lambda: raw.keys("excel_restaurant_pos:ingester:*"), 10, message="a lease holder")
+	newest = raw.xrevrange(LOG, count=1)
+	after = newest[0][0] if newest else "0-0"
+	reader = redis.Redis.from_url(redis_url)
+	reader.client_setname("burst-reader")
+	read = []
+	blocked = threading.Thread(target=lambda: read.extend(reader.xread({LOG: after}, count=100, block=10000)))
+	blocked.start()
+	wait_for(lambda: any(c.get("name") == "burst-reader" and c.get("cmd") == "xread" for c in raw.client_list()), 5, message="the reader blocked")
+
+	pipe = raw.pipeline(transaction=False)
+	for n in range(10):
+		body = {"event": "order", "message": {"n": n}, "room": "kitchen", "namespace": "default"}
+		pipe.publish("events", json.dumps(body, indent=1, sort_keys=True))
+	pipe.execute()
+	blocked.join(15)
+
+	assert not blocked.is_alive()
+	[(_, entries)] = read
+	assert [json.loads(fields[b"message"])["n"] for _, fields in entries] == list(range(10))
+
+
 def test_order_updates_cross_processes_and_namespaces(realtime, js):
 	first, second = realtime(), realtime()
 	js.connect("waiter", first.url + APP_NS, token=token("waiter@example.com"))

@@ -258,15 +258,24 @@ class Bridge:
 			pubsub.subscribe(*self.subscriptions[reader[0]])
 			logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
 			yield
+			ingester = self.ingesters[reader[0]]
 			while self._running:
+				received: list[tuple[str, Any]] = []
 				message = pubsub.get_message(timeout=1.0)
-				if message is None or message.get("type") != "message":
-					continue
-				channel = log.text(message["channel"])
-				if channel == CONTROL_CHANNEL:
-					self._control(message["data"])
-				else:
-					self.ingesters[reader[0]].receive(channel, message["data"])
+				# With the first message, what Redis handed over with it (a commit's events,
+				# published together): logged in one call, so they reach the log together.
+				while message is not None:
+					if message.get("type") == "message":
+						channel = log.text(message["channel"])
+						if channel == CONTROL_CHANNEL:
+							ingester.receive(received)
+							received = []
+							self._control(message["data"])
+						else:
+							received.append((channel, message["data"]))
+					message = pubsub.get_message(timeout=0) if len(received) < log.BATCH else None
+				if received:
+					ingester.receive(received)
 		finally:
 			_close(pubsub)
 

@@ -3,10 +3,11 @@
 Frappe publishes on a pub/sub channel, and every server process subscribed to it receives
 each message. Each must enter its site's log once, yet two identical messages are two
 events, so a message cannot be recognised by its content alone. One process at a time
-holds a lease (a Redis key that expires unless renewed) and logs what arrives; with every
-message it logs it records, in the same Lua call, a *mark*: a fingerprint of that message
-and the two before it on the same Redis connection. Redis hands every subscriber the same
-messages in the same order, so every process computes the same fingerprints.
+holds a lease (a Redis key that expires unless renewed) and logs what arrives, the
+messages Redis handed over together in one Lua call; with them it records, in the same
+call, a *mark*: a fingerprint of the last of them and the two before it on the same Redis
+connection. Redis hands every subscriber the same messages in the same order, so every
+process computes the same fingerprints.
 
 The other processes keep the last few seconds of messages. When the lease falls free (its
 holder stopped, or was killed and the lease expired), one of them takes it, finds the mark
@@ -44,11 +45,19 @@ KEPT_MESSAGES = 100_000
 MARK_TTL_S = 3600
 logger = logging.getLogger(__name__)
 
-#: KEYS: lease, mark, log. ARGV: holder, mark, max events, fields... Logs the entry and
-#: moves the mark when the caller still holds the lease; returns whether it did.
+#: KEYS: lease, mark, then each entry's log. ARGV: holder, mark, max events, then for each
+#: entry the number of its field names and values and those. Logs the entries and moves the
+#: mark when the caller still holds the lease; returns whether it did. One call for the
+#: messages Redis handed over together: a reader blocked on the log is answered once the
+#: call ends, with all of them, so each client gets a commit's events in one write.
 _LOG_ONCE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+local at = 4
+for key = 3, #KEYS do
+	local size = tonumber(ARGV[at])
+	redis.call('XADD', KEYS[key], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, at + 1, at + size))
+	at = at + size + 1
+end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', %d)
 return 1
 """ % MARK_TTL_S
@@ -104,8 +113,15 @@ class Ingester:
 		self._renew = redis_client.register_script(_RENEW)
 		self._release = redis_client.register_script(_RELEASE)
 
-	def receive(self, channel: str, raw: bytes | str) -> None:
-		"""Keep a message; log it too while holding the lease."""
+	def receive(self, messages: list[tuple[str, bytes | str]]) -> None:
+		"""Keep messages Redis handed over together, each ``(channel, raw)``; log them too,
+		in one call, while holding the lease."""
+		items = [self._keep(channel, raw) for channel, raw in messages]
+		if self.holding:
+			self._log(items)
+
+	def _keep(self, channel: str, raw: bytes | str) -> Kept:
+		"""Keep one message, with its fingerprint, for a successor's catch-up."""
 		digest = hashlib.sha1(channel.encode() + b"\n" + (raw if isinstance(raw, bytes) else raw.encode())).hexdigest()
 		fingerprint = hashlib.sha1("".join((*self._recent, digest)).encode()).hexdigest()
 		self._recent.append(digest)
@@ -115,27 +131,33 @@ class Ingester:
 		self.kept.append(item)
 		while self.kept and self.kept[0].at < now - KEPT_SECONDS:
 			self.kept.popleft()
-		if self.holding:
-			self._log(item)
+		return item
 
-	def _log(self, item: Kept) -> None:
-		"""Log one message and move the mark past it. A message with nothing to log leaves
-		the mark where it is: a successor would pass over it again, at no cost."""
-		if item.raw is None:
+	def _log(self, items: list[Kept]) -> None:
+		"""Log messages in one call and move the mark past the last that had something to
+		log. Those with nothing to log leave the mark where it is: a successor would pass
+		over them again, at no cost."""
+		keys, args = [self.lease_key, self.mark_key], [self.holder, "", self.max_events]
+		for item in items:
+			if item.raw is None:
+				continue
+			try:
+				delivery = self.parse(item.channel, item.raw)
+			except ValueError as exc:
+				self.on_bad(item.channel, item.raw, exc)
+				continue
+			if delivery is None:
+				continue
+			fields = [part for pair in delivery.fields().items() for part in pair]
+			keys.append(log.log_key(delivery.site))
+			args += (len(fields), *fields)
+			args[1] = f"{item.fingerprint}|{item.at!r}"
+		if len(keys) == 2:
 			return
-		try:
-			delivery = self.parse(item.channel, item.raw)
-		except ValueError as exc:
-			self.on_bad(item.channel, item.raw, exc)
-			return
-		if delivery is None:
-			return
-		keys = [self.lease_key, self.mark_key, log.log_key(delivery.site)]
-		args = [self.holder, f"{item.fingerprint}|{item.at!r}", self.max_events, *(part for pair in delivery.fields().items() for part in pair)]
 		try:
 			logged = self._log_once(keys=keys, args=args)
 		except Exception as exc:
-			logger.error("could not log %r from %r, so it is lost: %s", delivery.event, item.channel, exc)
+			logger.error("could not log %d event(s) from %s, so they are lost: %s", len(keys) - 2, ", ".join(sorted({item.channel for item in items})), exc)
 			return
 		if not logged:
 			self.holding = False
@@ -155,8 +177,9 @@ class Ingester:
 		logger.info("logging %s from here on (%d kept messages to catch up)", self.lease_key, len(pending))
 		index = 0
 		while index < len(pending):  # what arrives meanwhile is kept: take it too
-			self._log(pending[index])
-			index += 1
+			chunk = pending[index : index + log.BATCH]
+			self._log(chunk)
+			index += len(chunk)
 			if index == len(pending):
 				pending += self._newer_than(pending[-1])
 		self.holding = True
