@@ -1,7 +1,7 @@
 """The floor under S1's and S2's CPU per delivery: one ``send()`` per client per event from
 CPython, and nothing else.
 
-    .venv/bin/python benchmarks/floor.py [--scenarios S1,S2] [--repeat 3]
+    .venv/bin/python benchmarks/floor.py [--quick] [--scenarios S1,S2] [--repeat 3]
 
 At a steady rate a websocket server writes each client's frame with a system call of its
 own, Node's reference as much as the product (the product merges a client's frames only
@@ -146,6 +146,7 @@ def run_once(scenario: Scenario) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
 	parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+	parser.add_argument("--quick", action="store_true", help="one run with a tenth of the clients and events: a smoke check")
 	parser.add_argument("--scenarios", default=",".join(FLOORED), help=f"any of {','.join(FLOORED)}")
 	parser.add_argument("--repeat", type=int, default=3, help="runs per scenario; the table shows medians")
 	args = parser.parse_args(argv)
@@ -153,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 	if not wanted or set(wanted) - set(FLOORED):
 		parser.error(f"--scenarios takes any of {', '.join(FLOORED)}")
 	raise_nofile()
-	catalogue = scenarios(quick=False)
+	catalogue = scenarios(args.quick)
+	repeat = 1 if args.quick else max(1, args.repeat)
 	rows = []
 	for name in wanted:
-		runs = [run_once(catalogue[name]) for _ in range(max(1, args.repeat))]
+		runs = [run_once(catalogue[name]) for _ in range(repeat)]
 		print(f"  {name}: {json.dumps(runs)}", file=sys.stderr, flush=True)
 		rows.append(
 			f"| {name} | {runs[0]['frame_bytes']} | {statistics.median(r['cpu_us_per_delivery'] for r in runs):.2f}"

@@ -1,6 +1,6 @@
 """The benchmark runner still works end to end: a small S1 (with recovery off and on) and a
 small jwt storm, for the product on both backends, the Node reference and the python-socketio baseline, with
-no lost deliveries and no failed connects."""
+no lost deliveries and no failed connects; and the floor under S1 and S2 (``floor.py``)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,27 @@ def test_quick_benchmark_runs_for_every_server():
 			assert s1["received"] == s1["expected"] > 0, (scenario, server)
 	assert cases["S1"]["reference"][0]["deliveries"]["lost"] == 0
 	assert cases["S1"]["baseline"][0]["deliveries"]["lost"] == 0
+
+
+def test_quick_floor_writes_every_delivery_of_its_scenarios():
+	"""``floor.py`` writes each scenario's frame to every client of each event's room: as
+	many writes as the scenario has deliveries, each answered by the clients reading them."""
+	sys.path.insert(0, str(REPO / "benchmarks"))
+	from run import scenarios
+
+	result = subprocess.run(
+		[sys.executable, str(REPO / "benchmarks" / "floor.py"), "--quick"],
+		cwd=REPO,
+		capture_output=True,
+		text=True,
+		timeout=120,
+	)
+	assert result.returncode == 0, result.stderr[-3000:]
+	catalogue = scenarios(quick=True)
+	runs = dict(line.strip().split(": ", 1) for line in result.stderr.splitlines() if line.startswith("  S"))
+	assert sorted(runs) == ["S1", "S2"], result.stderr[-3000:]
+	for name, text in runs.items():
+		(run,) = json.loads(text)
+		assert run["deliveries"] == catalogue[name].expected > 0, name
+		assert run["cpu_us_per_delivery"] > 0, name
+	assert [row.split(" | ")[0] for row in result.stdout.splitlines()[2:]] == ["| S1", "| S2"]
