@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import socketio
+from geventwebsocket.websocket import Header
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,25 +44,13 @@ from run import EVENT, ORDER, Scenario, raise_nofile, scenarios  # noqa: E402
 FLOORED = ("S1", "S2")
 
 
-def websocket_frame(text: str) -> bytes:
-	"""A final, unmasked text frame, as a server sends one."""
-	payload = text.encode()
-	size = len(payload)
-	if size < 126:
-		header = bytes((0x81, size))
-	elif size < 65536:
-		header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-	else:
-		header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-	return header + payload
-
-
 def frame_for(scenario: Scenario, seq: int) -> bytes:
 	"""The frame the product sends a client for the scenario's event ``seq``: an Engine.IO
 	message holding the Socket.IO event, with the payload ``run.py`` publishes."""
 	message = {"seq": seq, "sent_at": time.time() * 1000, "order": ORDER}
 	packet = socketio.packet.Packet(socketio.packet.EVENT, namespace=scenario.namespace, data=[EVENT, message])
-	return websocket_frame("4" + packet.encode())
+	payload = ("4" + packet.encode()).encode()
+	return Header.encode_header(True, 0x1, b"", len(payload), 0) + payload  # a final, unmasked text frame
 
 
 def rooms_of(scenario: Scenario) -> list[range]:

@@ -268,8 +268,9 @@ class Bridge:
 					if message.get("type") == "message":
 						channel = log.text(message["channel"])
 						if channel == CONTROL_CHANNEL:
-							ingester.receive(received)
-							received = []
+							if received:  # what came before it is logged before it acts
+								ingester.receive(received)
+								received = []
 							self._control(message["data"])
 						else:
 							received.append((channel, message["data"]))

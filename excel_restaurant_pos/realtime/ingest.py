@@ -137,7 +137,7 @@ class Ingester:
 		"""Log messages in one call and move the mark past the last that had something to
 		log. Those with nothing to log leave the mark where it is: a successor would pass
 		over them again, at no cost."""
-		keys, args = [self.lease_key, self.mark_key], [self.holder, "", self.max_events]
+		keys, args, last = [self.lease_key, self.mark_key], [self.holder, "", self.max_events], None
 		for item in items:
 			if item.raw is None:
 				continue
@@ -151,9 +151,10 @@ class Ingester:
 			fields = [part for pair in delivery.fields().items() for part in pair]
 			keys.append(log.log_key(delivery.site))
 			args += (len(fields), *fields)
-			args[1] = f"{item.fingerprint}|{item.at!r}"
-		if len(keys) == 2:
+			last = item
+		if last is None:
 			return
+		args[1] = f"{last.fingerprint}|{last.at!r}"
 		try:
 			logged = self._log_once(keys=keys, args=args)
 		except Exception as exc:
