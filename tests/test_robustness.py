@@ -505,6 +505,19 @@ def test_silent_http_connections_are_closed_and_free_their_slot(realtime, js, pu
 	assert [item for item in js.events if item.get("type") == "disconnect"] == []
 
 
+def test_a_connection_that_has_sent_nothing_holds_no_slot(realtime):
+	"""A TCP connection that has sent nothing yet (a load balancer's TCP check, a port scan)
+	is handed to the server only once its first bytes arrive: with a single slot, a request
+	made beside it is answered at once, not after ``http_timeout``."""
+	server = realtime(max_connections=1, http_timeout=30)
+	silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+	request = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+	request.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	assert request.recv(1024).startswith(b"HTTP/1.1 200 "), "the silent connection held the only slot"
+	request.close()
+	silent.close()
+
+
 def test_a_websocket_holds_its_slot_for_its_life_and_a_silent_one_gives_it_back(realtime):
 	"""An upgraded websocket counts against ``max_connections`` until it closes, however the
 	server reads it, and one whose peer went silent (a tablet whose Wi-Fi died) is closed by
