@@ -172,3 +172,42 @@ def test_what_a_client_sends_with_its_upgrade_is_answered_at_once(realtime, wire
 		assert json.loads(answers[-1][len(f"43{NS},7"):]) == [{"ok": True, "room": "kitchen"}], answers
 	finally:
 		ws.close()
+
+
+def test_the_app_sees_each_header_under_its_cgi_name(redis_url):
+	"""The environ the server hands Engine.IO (PEP 3333): a header under ``HTTP_`` and its
+	name upper-cased with dashes as underscores, however the client spells it; repeated
+	headers joined with commas; a name with an underscore dropped, or ``X_Tag`` would pass
+	for ``X-Tag`` behind a proxy that sets one; an escaped path decoded. The second
+	request, from names already met, is read the same."""
+	from excel_restaurant_pos.realtime import httpserver
+	from excel_restaurant_pos.realtime.config import load_config
+
+	seen = []
+
+	def app(environ, start_response):
+		seen.append({key: value for key, value in environ.items() if key.isupper()})
+		start_response("204 No Content", [])
+		return []
+
+	config = load_config({}, env={"FRAPPE_REDIS_QUEUE": redis_url, "EXCEL_RESTAURANT_POS_SITES": "site1.local"})
+	listener, (ours, theirs) = socket.socket(), socket.socketpair()
+	listener.bind(("127.0.0.1", 0))
+	connection = httpserver.Connection(httpserver.HttpServer(listener, app, config), ours, ("10.0.0.7", 5000))
+	request = (
+		b"POST /socket.io/a%20b?EIO=4&x=%20 HTTP/1.1\r\nHost: pos.example\r\nx-tag: one\r\nX-TAG: two\r\n"
+		b"X_Tag: spoofed\r\nauthorization: Bearer t\r\ncontent-type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+	)
+	for _ in range(2):
+		connection.parser.feed_data(request)
+		assert connection.answer(connection.requests.pop(0))
+		assert theirs.recv(4096).startswith(b"HTTP/1.1 204 ")
+	expected = {
+		"REQUEST_METHOD": "POST", "PATH_INFO": "/socket.io/a b", "QUERY_STRING": "EIO=4&x=%20",
+		"SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "10.0.0.7", "REMOTE_PORT": "5000", "SCRIPT_NAME": "",
+		"SERVER_NAME": "127.0.0.1", "SERVER_PORT": str(listener.getsockname()[1]), "HTTP_HOST": "pos.example",
+		"HTTP_X_TAG": "one,two", "HTTP_AUTHORIZATION": "Bearer t", "CONTENT_TYPE": "text/plain", "CONTENT_LENGTH": "2",
+	}
+	assert seen == [expected, expected]
+	for sock in (listener, ours, theirs):
+		sock.close()

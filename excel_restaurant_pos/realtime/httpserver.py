@@ -51,7 +51,27 @@ READ_SIZE = 65536
 #: Seconds a refused request's connection waits for more of what its client sends.
 LINGER = 1.0
 
+#: Header names (as clients spell them) whose environ key is kept, and the longest kept: a
+#: client sends the same few names on every request, a hostile one cannot grow the table.
+KNOWN_NAMES, KNOWN_NAME_BYTES = 1024, 64
+_environ_keys: dict[bytes, str] = {}
+
 log = logging.getLogger("excel_restaurant_pos.realtime.http")
+
+
+def environ_key(name: bytes) -> str:
+	"""A request header's key in the environ (``HTTP_USER_AGENT``, ``CONTENT_TYPE``), or
+	``""`` for a name with an underscore: it would pass for its dashed twin (``X_User``
+	for ``X-User``), so it is dropped. Worked out once per name a client spells."""
+	key = _environ_keys.get(name)
+	if key is None:
+		key = name.decode("latin-1").upper()
+		key = "" if "_" in key else key.replace("-", "_")
+		if key and key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+			key = "HTTP_" + key
+		if len(name) <= KNOWN_NAME_BYTES and len(_environ_keys) < KNOWN_NAMES:
+			_environ_keys[name] = key
+	return key
 
 
 class Input(io.BytesIO):
@@ -73,6 +93,8 @@ class Request:
 	"""One request as the parser read it."""
 
 	__slots__ = ("method", "url", "headers", "body", "version", "keep_alive")
+
+	#: ``headers`` holds (environ key, value) pairs, as :func:`environ_key` names them.
 
 	def __init__(self, method: bytes, url: bytes, headers: list, body: bytes, version: str, keep_alive: bool):
 		self.method, self.url, self.headers, self.body = method, url, headers, body
@@ -161,12 +183,12 @@ class Connection:
 		self._count_header(len(url))
 
 	def on_header(self, name: bytes, value: bytes) -> None:
-		self.headers.append((name, value))
+		key = environ_key(name)
+		self.headers.append((key, value))
 		self._count_header(len(name) + len(value))
-		name = name.lower()
-		if name == b"expect" and value.lower() == b"100-continue":
+		if key == "HTTP_EXPECT" and value.lower() == b"100-continue":
 			self.continue_expected = True
-		elif name == b"content-length" and value.isdigit() and int(value) > self.server.config.max_payload:
+		elif key == "CONTENT_LENGTH" and value.isdigit() and int(value) > self.server.config.max_payload:
 			self.refusal = "413 Content Too Large"  # before the client sends it
 
 	def _count_header(self, size: int) -> None:
@@ -254,20 +276,15 @@ class Connection:
 		path, _, query = url.partition(b"#")[0].partition(b"?")
 		environ = dict(self.server.environ)
 		environ["REQUEST_METHOD"] = request.method.decode("ascii")
-		environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+		environ["PATH_INFO"] = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
 		environ["QUERY_STRING"] = query.decode("latin-1")
 		environ["SERVER_PROTOCOL"] = "HTTP/" + request.version
 		environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = self.remote
 		environ["wsgi.input"] = environ["eventlet.input"] = wsgi_input
-		for name, value in request.headers:
-			key = name.decode("latin-1").upper()
-			if "_" in key:
-				continue  # it would pass for its dashed twin (X_User for X-User): dropped
-			key = key.replace("-", "_")
-			if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-				key = "HTTP_" + key
-			value = value.decode("latin-1")
-			environ[key] = f"{environ[key]},{value}" if key in environ else value
+		for key, value in request.headers:
+			if key:
+				value = value.decode("latin-1")
+				environ[key] = f"{environ[key]},{value}" if key in environ else value
 		if request.body or "CONTENT_LENGTH" in environ:  # a chunked body is whole by now
 			environ["CONTENT_LENGTH"] = str(len(request.body))
 		if self.server.detachable:
