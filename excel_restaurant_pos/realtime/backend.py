@@ -37,21 +37,6 @@ from excel_restaurant_pos.realtime.config import Config, ConfigError
 DEFER_ACCEPT_S = 1
 
 
-def no_delay(sock: Any) -> None:
-	"""Switch Nagle's algorithm off on an accepted TCP connection, as Node's HTTP server does.
-
-	With it on, a second small write waits until the client acknowledges the first, and
-	clients delay that acknowledgement by 40 ms or more: a websocket answer that goes out as
-	two frames (an acknowledgement and an event), or a response whose headers and body are
-	two writes (gevent's), then arrives 40 ms late. Every write here is a whole frame or a
-	whole response, so nothing is gained by holding one back."""
-	if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-		try:
-			sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-		except OSError:
-			pass  # the peer is already gone; the request fails on its own
-
-
 class Backend:
 	"""What the server needs from a green-thread library. ``name`` is Engine.IO's async mode."""
 
@@ -132,14 +117,13 @@ class Gevent(Backend):
 		class Handler(WebSocketHandler):
 			"""gevent-websocket's handler, with the silence before a complete request bounded
 			as eventlet's ``socket_timeout`` does (the websocket sets its own once upgraded),
-			Nagle's algorithm off (see :func:`no_delay`), and a websocket that may leave the
-			server once upgraded (see :mod:`~excel_restaurant_pos.realtime.detached`)."""
+			and a websocket that may leave the server once upgraded (see
+			:mod:`~excel_restaurant_pos.realtime.detached`)."""
 
 			detached: GeventDetached | None = None
 
 			def handle(self) -> None:
 				self.socket.settimeout(config.http_timeout)
-				no_delay(self.socket)
 				super().handle()
 				if self.detached is not None:
 					# What the request kept that a detached websocket never reads again:
@@ -321,6 +305,14 @@ def listen(config: Config) -> socket.socket:
 	"""The listening socket (green once the backend patched ``socket``), or a
 	:class:`ConfigError` that names the key at fault.
 
+	Nagle's algorithm is off, as in Node's HTTP server, for every connection it accepts
+	(they inherit it, which saves a system call for each). With it on, a second small write
+	waits until the client acknowledges the first, and clients delay that acknowledgement by
+	40 ms or more: a websocket answer that goes out as two frames (an acknowledgement and an
+	event), or a response whose headers and body are two writes (gevent's), then arrives 40
+	ms late. Every write here is a whole frame or a whole response, so nothing is gained by
+	holding one back.
+
 	On Linux a TCP connection is accepted only once its first bytes have arrived, or after
 	``DEFER_ACCEPT_S`` (``TCP_DEFER_ACCEPT``, nginx's ``deferred``): its green thread then
 	reads its request at once instead of first waiting for it in the hub, which was a fifth
@@ -337,6 +329,7 @@ def listen(config: Config) -> socket.socket:
 			family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
 			sock = socket.socket(family, socket.SOCK_STREAM)
 			sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+			sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 			if hasattr(socket, "TCP_DEFER_ACCEPT"):
 				sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
 			where = (config.host, config.port)

@@ -37,7 +37,6 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from excel_restaurant_pos.realtime.backend import no_delay
 from excel_restaurant_pos.realtime.config import Config
 from excel_restaurant_pos.realtime.detached import DETACH, EventletDetached
 
@@ -215,7 +214,6 @@ class Connection:
 	def run(self) -> None:
 		sock = self.sock
 		try:
-			no_delay(sock)
 			sock.settimeout(self.server.config.http_timeout)
 			open_ = True
 			while open_:
