@@ -1,6 +1,6 @@
 """The benchmark runner still works end to end: a small S1 (with recovery off and on) and a
 small jwt storm, for the product on both backends, the Node reference and the python-socketio baseline, with
-no lost deliveries and no failed connects; and the floor under S1 and S2 (``floor.py``)."""
+no lost deliveries and no failed connects; the floor under S1 and S2 (``floor.py``); and the log's Redis work per event (``log_calls.py``)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,23 @@ def test_quick_floor_writes_every_delivery_of_its_scenarios():
 		assert run["deliveries"] == catalogue[name].expected > 0, name
 		assert run["cpu_us_per_delivery"] > 0, name
 	assert [row.split(" | ")[0] for row in result.stdout.splitlines()[2:]] == ["| S1", "| S2"]
+
+
+def test_quick_log_calls_times_each_step_of_an_event():
+	"""``log_calls.py`` makes each of an event's three Redis round trips through the product's
+	own code (it stops with an error when a read does not return the one entry, a message is
+	not read back, or the ingester did not log it) and prints the time of each. (The pub/sub
+	read's is a difference of two timings, which a quick run's few calls leave too noisy to
+	check.)"""
+	result = subprocess.run(
+		[sys.executable, str(REPO / "benchmarks" / "log_calls.py"), "--quick"],
+		cwd=REPO,
+		capture_output=True,
+		text=True,
+		timeout=120,
+	)
+	assert result.returncode == 0, result.stderr[-3000:]
+	medians = json.loads(result.stderr.strip().splitlines()[-1])
+	assert sorted(medians) == ["append to the log (Lua, lease held)", "pub/sub read", "read of the log (XREAD, decode)"]
+	assert medians["read of the log (XREAD, decode)"] > 0 and medians["append to the log (Lua, lease held)"] > 0, medians
+	assert result.stdout.splitlines()[-1].startswith("| all three | ")
