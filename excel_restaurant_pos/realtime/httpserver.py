@@ -89,11 +89,10 @@ class Input(io.BytesIO):
 
 
 class Request:
-	"""One request as the parser read it."""
+	"""One request as the parser read it; its headers are (environ key, value) pairs, the
+	keys as :func:`environ_key` names them."""
 
 	__slots__ = ("method", "url", "headers", "body", "version", "keep_alive")
-
-	#: ``headers`` holds (environ key, value) pairs, as :func:`environ_key` names them.
 
 	def __init__(self, method: bytes, url: bytes, headers: list, body: bytes, version: str, keep_alive: bool):
 		self.method, self.url, self.headers, self.body = method, url, headers, body
