@@ -60,14 +60,14 @@ def measure(calls: int, rounds: int, url: str) -> dict[str, float]:
 	key = log.log_key(SITE)
 	ingester.receive([(CHANNEL, raw)])
 	ingester.receive([(CHANNEL, raw)])
-	position = {"after": ""}
+	after = ""  # the entry before the one each read returns, set for each round
 	subscription = client.pubsub(ignore_subscribe_messages=True)
 	subscription.subscribe(CHANNEL)
 	while subscription.get_message(timeout=0.2):
 		pass
 
 	def read_log() -> None:
-		read = client.xread({key: position["after"]}, count=log.BATCH, block=1000)
+		read = client.xread({key: after}, count=log.BATCH, block=1000)
 		if [len(entries) for _, entries in read] != [1]:
 			raise RuntimeError(f"the read returned {read!r}, not the one entry")
 		for entry_id, fields in read[0][1]:
@@ -87,7 +87,7 @@ def measure(calls: int, rounds: int, url: str) -> dict[str, float]:
 	timings: dict[str, list[float]] = {name: [] for name in steps}
 	for _ in range(rounds):
 		client.xtrim(key, maxlen=2, approximate=False)  # each read returns the one entry after the first
-		position["after"] = log.text(client.xrange(key, count=1)[0][0])
+		after = log.text(client.xrange(key, count=1)[0][0])
 		for name, step in steps.items():
 			start = cpu_s()
 			for _ in range(calls):

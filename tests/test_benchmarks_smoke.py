@@ -1,6 +1,7 @@
 """The benchmark runner still works end to end: a small S1 (with recovery off and on) and a
 small jwt storm, for the product on both backends, the Node reference and the python-socketio baseline, with
-no lost deliveries and no failed connects; the floor under S1 and S2 (``floor.py``); and the log's Redis work per event (``log_calls.py``)."""
+no lost deliveries and no failed connects; the floor under S1 and S2 (``floor.py``); and the
+log's Redis work per event (``log_calls.py``)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import sys
 from harness import REPO
 
 
-def test_quick_benchmark_runs_for_every_server():
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+	"""Run ``benchmarks/<script>`` with ``args`` from the repository, and check it succeeded."""
 	result = subprocess.run(
-		[sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--scenarios", "S1,S1r,S3j", "--servers", "product,gevent,reference,baseline"],
-		cwd=REPO,
-		capture_output=True,
-		text=True,
-		timeout=600,
+		[sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
 	)
 	assert result.returncode == 0, result.stderr[-3000:]
+	return result
+
+
+def test_quick_benchmark_runs_for_every_server():
+	result = run_benchmark("run.py", "--quick", "--scenarios", "S1,S1r,S3j", "--servers", "product,gevent,reference,baseline", timeout=600)
 	path = REPO / result.stdout.strip().splitlines()[-1].removeprefix("full results: ")
 	cases = json.loads(path.read_text())["results"]
 	for scenario in ("S1", "S1r", "S3j"):
@@ -42,14 +45,7 @@ def test_quick_floor_writes_every_delivery_of_its_scenarios():
 	sys.path.insert(0, str(REPO / "benchmarks"))
 	from run import scenarios
 
-	result = subprocess.run(
-		[sys.executable, str(REPO / "benchmarks" / "floor.py"), "--quick"],
-		cwd=REPO,
-		capture_output=True,
-		text=True,
-		timeout=120,
-	)
-	assert result.returncode == 0, result.stderr[-3000:]
+	result = run_benchmark("floor.py", "--quick", timeout=120)
 	catalogue = scenarios(quick=True)
 	runs = dict(line.strip().split(": ", 1) for line in result.stderr.splitlines() if line.startswith("  S"))
 	assert sorted(runs) == ["S1", "S2"], result.stderr[-3000:]
@@ -66,14 +62,7 @@ def test_quick_log_calls_times_each_step_of_an_event():
 	not read back, or the ingester did not log it) and prints the time of each. (The pub/sub
 	read's is a difference of two timings, which a quick run's few calls leave too noisy to
 	check.)"""
-	result = subprocess.run(
-		[sys.executable, str(REPO / "benchmarks" / "log_calls.py"), "--quick"],
-		cwd=REPO,
-		capture_output=True,
-		text=True,
-		timeout=120,
-	)
-	assert result.returncode == 0, result.stderr[-3000:]
+	result = run_benchmark("log_calls.py", "--quick", timeout=120)
 	medians = json.loads(result.stderr.strip().splitlines()[-1])
 	assert sorted(medians) == ["append to the log (Lua, lease held)", "pub/sub read", "read of the log (XREAD, decode)"]
 	assert medians["read of the log (XREAD, decode)"] > 0 and medians["append to the log (Lua, lease held)"] > 0, medians
