@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 		if time.monotonic() > deadline:
 			raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
 		time.sleep(interval)
+
+
+#: A traceback as Python prints it: its header is a line of its own. A client's string inside
+#: a log line (a namespace, a room) is not one, even when it reads "Traceback".
+TRACEBACK = re.compile(r"^Traceback \(most recent call last\):$", re.MULTILINE)
+
+
+def assert_no_traceback(text: str) -> None:
+	"""Fail with the text from the first traceback Python printed into ``text`` (a log, stderr)."""
+	found = TRACEBACK.search(text)
+	assert found is None, text[found.start() :] if found else ""
 
 
 def make_bench(
