@@ -345,6 +345,19 @@ def test_hostile_room_names_and_namespaces(realtime, js, publish):
 	assert_no_traceback(server.log())
 
 
+def test_a_refused_namespace_cannot_write_a_log_line_of_its_own(realtime):
+	"""A namespace is whatever a client sends: its newlines are logged escaped, inside the line
+	that refuses it, so no client can forge a line an operator would read as the server's."""
+	server = realtime()
+	forged = "/x\n2000-01-01 00:00:00 ERROR excel_restaurant_pos.realtime: redis lost"  # a namespace ends at a comma
+	attempt = socketio.Client(reconnection=False)
+	with pytest.raises(socketio.exceptions.ConnectionError):
+		attempt.connect(server.url, namespaces=[forged], auth={"token": token()}, transports=["websocket"], wait_timeout=10)
+	refused = wait_for(lambda: [line for line in server.log().splitlines() if "refused namespace=" in line], message="the refusal in the log")
+	assert f"refused namespace={forged!r} reason='Invalid namespace'" in refused[0]
+	assert not [line for line in server.log().splitlines() if line.startswith("2000-01-01")]
+
+
 def test_no_token_is_ever_logged(realtime, js):
 	server = realtime(log_level="DEBUG")
 	good, bad = token("waiter@example.com"), token("waiter@example.com", ttl=-5)
@@ -357,7 +370,7 @@ def test_no_token_is_ever_logged(realtime, js):
 	for secret in (good, bad):
 		for part in secret.split("."):
 			assert part not in log
-	assert "refused namespace=/excel_restaurant_pos/default reason='Unauthorized: token expired' token=" in log
+	assert "refused namespace='/excel_restaurant_pos/default' reason='Unauthorized: token expired' token=" in log
 	assert "connected site=default user=waiter@example.com type=System User" in log
 
 

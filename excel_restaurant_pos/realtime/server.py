@@ -155,7 +155,7 @@ class RealtimeServer:
 		except Refused as exc:
 			self.recovery.drop(sid)
 			metrics.CONNECTS.labels(exc.label).inc()
-			logger.info("refused namespace=%s reason=%r%s", namespace, str(exc), _fingerprint(environ, auth))
+			logger.info("refused namespace=%r reason=%r%s", namespace, str(exc), _fingerprint(environ, auth))
 			raise socketio.exceptions.ConnectionRefusedError(str(exc)) from None
 		restored = False
 		if session is not None:
