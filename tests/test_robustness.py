@@ -3,6 +3,7 @@ tokens, namespaces and room names, while a legitimate client keeps receiving eve
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+import requests
 import socketio
 import websocket
 from harness import TcpProxy, assert_no_traceback, wait_for
@@ -356,6 +358,73 @@ def test_a_refused_namespace_cannot_write_a_log_line_of_its_own(realtime):
 	refused = wait_for(lambda: [line for line in server.log().splitlines() if "refused namespace=" in line], message="the refusal in the log")
 	assert f"refused namespace={forged!r} reason='Invalid namespace'" in refused[0]
 	assert not [line for line in server.log().splitlines() if line.startswith("2000-01-01")]
+
+
+@pytest.mark.parametrize(
+	"message",
+	[
+		f"42{NS},[\"room:join\"",  # JSON cut short
+		f"40{NS},{{\"token\": ",  # a CONNECT whose auth is cut short
+		"4x",  # no packet type
+		"4",  # nothing at all
+		f"44{NS},{{\"message\": \"no\"}}",  # CONNECT_ERROR is the server's to send
+		"47",  # no such type
+		f"42{NS},[]",  # an event without its name
+		f"42{NS},{{\"event\": \"room:join\"}}",  # an event that is not an array
+		f"42{NS},[\"disconnect\"]",  # an event by a name the protocol keeps for itself
+	],
+)
+def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realtime, js, publish, message):
+	"""The reference server closes a connection whose client sends what is not a Socket.IO
+	packet. So does this one: one line in the log says why, with no traceback and nothing in
+	``/health``'s errors, and the clients beside it keep their events."""
+	server = realtime()
+	js.connect("kitchen", server.url + NS, token=token("chef@example.com"))
+	bad = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10)
+	assert bad.recv().startswith("0{")  # Engine.IO open
+	bad.send(f"40{NS}," + json.dumps({"token": token("bad@example.com")}))
+	assert bad.recv().startswith(f"40{NS},")
+	bad.send(message)
+	received = []
+	while True:  # until the server closes it; the socket's timeout bounds the wait
+		try:
+			frame = bad.recv()
+		except websocket.WebSocketConnectionClosedException:
+			break
+		if not frame:
+			break
+		received.append(frame)
+	assert received[-1:] == ["1"], received  # Engine.IO close
+	wait_for(lambda: server.health()[1]["clients"] == 1, message="the connection to be gone")
+	publish.publish_event("order:new", {"order": "T1"})
+	js.wait_event("kitchen", "order:new")
+	assert server.metric("excel_pos_realtime_client_events_total", result="malformed") == 1
+	assert [line for line in server.log().splitlines() if "malformed packet" in line]
+	assert_no_traceback(server.log())
+	# nothing but the server's own lines: no library's complaint about a socket closed twice
+	assert [line for line in server.log().splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:", line)] == []
+	assert server.health()[1]["errors"] == []
+
+
+def test_a_malformed_packet_over_long_polling_is_answered_at_once_and_ends_the_poll(realtime):
+	"""The POST that carries it is answered at once, not held until the client polls again;
+	the poll under way gets Engine.IO's close; the session is gone."""
+	server = realtime()
+	base = f"{server.url}/socket.io/?EIO=4&transport=polling"
+	sid = json.loads(requests.get(base, timeout=10).text[1:])["sid"]
+	session = f"{base}&sid={sid}"
+	assert requests.post(session, data=f"40{NS}," + json.dumps({"token": token("bad@example.com")}), timeout=10).text == "OK"
+	assert requests.get(session, timeout=10).text.startswith(f"40{NS},")
+	with concurrent.futures.ThreadPoolExecutor(1) as pool:
+		poll = pool.submit(requests.get, session, timeout=10)
+		assert requests.post(session, data=f"42{NS},[]", timeout=5).text == "OK"
+		# Engine.IO's close if the poll was waiting by then; if the POST came first, the
+		# poll finds the session gone, as every later one does.
+		answer = poll.result()
+		assert (answer.status_code, answer.text) == (200, "1") or answer.status_code == 400, (answer.status_code, answer.text)
+	assert requests.get(session, timeout=10).status_code == 400
+	assert server.metric("excel_pos_realtime_client_events_total", result="malformed") == 1
+	assert_no_traceback(server.log())
 
 
 def test_no_token_is_ever_logged(realtime, js):

@@ -557,7 +557,7 @@ class WebSocketReader:
 		except Exception:
 			self.server.logger.exception("Unknown receive error")
 			return False
-		return True
+		return not eio_socket.closed  # the message may have closed it (a malformed packet does)
 
 	def detach(self, connection: Any) -> None:
 		"""Hand the reading to the hub: the request's green thread may end. What arrived
