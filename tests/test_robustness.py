@@ -360,21 +360,30 @@ def test_a_refused_namespace_cannot_write_a_log_line_of_its_own(realtime):
 	assert not [line for line in server.log().splitlines() if line.startswith("2000-01-01")]
 
 
+def attachment(number: int) -> str:
+	return json.dumps({"_placeholder": True, "num": number})
+
+
 @pytest.mark.parametrize(
-	"message",
+	("frames", "farewell"),
 	[
-		f"42{NS},[\"room:join\"",  # JSON cut short
-		f"40{NS},{{\"token\": ",  # a CONNECT whose auth is cut short
-		"4x",  # no packet type
-		"4",  # nothing at all
-		f"44{NS},{{\"message\": \"no\"}}",  # CONNECT_ERROR is the server's to send
-		"47",  # no such type
-		f"42{NS},[]",  # an event without its name
-		f"42{NS},{{\"event\": \"room:join\"}}",  # an event that is not an array
-		f"42{NS},[\"disconnect\"]",  # an event by a name the protocol keeps for itself
+		pytest.param([f"42{NS},[\"room:join\""], ["1"], id="JSON cut short"),
+		pytest.param([f"40{NS},{{\"token\": "], ["1"], id="a CONNECT whose auth is cut short"),
+		pytest.param(["4x"], ["1"], id="no packet type"),
+		pytest.param(["4"], ["1"], id="nothing at all"),
+		pytest.param([f"44{NS},{{\"message\": \"no\"}}"], ["1"], id="CONNECT_ERROR, the server's to send"),
+		pytest.param(["47"], ["1"], id="no such type"),
+		pytest.param([f"42{NS},[]"], ["1"], id="an event without its name"),
+		pytest.param([f"42{NS},{{\"event\": \"room:join\"}}"], ["1"], id="an event that is not an array"),
+		pytest.param([f"42{NS},[\"disconnect\"]"], ["1"], id="an event by a name the protocol keeps"),
+		pytest.param([f"451-{NS},[\"ping\",{attachment(3)}]", b"\x01"], ["1"], id="a placeholder that points nowhere"),
+		pytest.param([f"451-/elsewhere,[\"ping\",{attachment(0)}]"], ["1"], id="binary for a namespace not joined"),
+		pytest.param([f"4599-{NS},[\"ping\"]"], ["1"], id="more attachments than any client sends"),
+		pytest.param([b"4\x00"], ["1"], id="bytes where a packet was due"),
+		pytest.param(["hello"], [], id="not an Engine.IO packet"),
 	],
 )
-def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realtime, js, publish, message):
+def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realtime, js, publish, frames, farewell):
 	"""The reference server closes a connection whose client sends what is not a Socket.IO
 	packet. So does this one: one line in the log says why, with no traceback and nothing in
 	``/health``'s errors, and the clients beside it keep their events."""
@@ -384,7 +393,8 @@ def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realti
 	assert bad.recv().startswith("0{")  # Engine.IO open
 	bad.send(f"40{NS}," + json.dumps({"token": token("bad@example.com")}))
 	assert bad.recv().startswith(f"40{NS},")
-	bad.send(message)
+	for frame in frames:
+		bad.send_binary(frame) if isinstance(frame, bytes) else bad.send(frame)
 	received = []
 	while True:  # until the server closes it; the socket's timeout bounds the wait
 		try:
@@ -394,7 +404,7 @@ def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realti
 		if not frame:
 			break
 		received.append(frame)
-	assert received[-1:] == ["1"], received  # Engine.IO close
+	assert received == farewell  # Engine.IO's close, where the connection still spoke Engine.IO
 	wait_for(lambda: server.health()[1]["clients"] == 1, message="the connection to be gone")
 	publish.publish_event("order:new", {"order": "T1"})
 	js.wait_event("kitchen", "order:new")
@@ -404,6 +414,25 @@ def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realti
 	# nothing but the server's own lines: no library's complaint about a socket closed twice
 	assert [line for line in server.log().splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:", line)] == []
 	assert server.health()[1]["errors"] == []
+
+
+def test_packets_with_binary_attachments_still_arrive(realtime):
+	"""The checks leave well-formed binary packets alone: an event with ten attachments (as
+	many as the reference server takes) is answered, and the connection stays."""
+	server = realtime()
+	ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10)
+	assert ws.recv().startswith("0{")
+	ws.send(f"40{NS}," + json.dumps({"token": token("chef@example.com")}))
+	assert ws.recv().startswith(f"40{NS},")
+	placeholders = ",".join(attachment(number) for number in range(10))
+	ws.send(f"4510-{NS},[\"ping\",[{placeholders}]]")
+	for number in range(10):
+		ws.send_binary(bytes([number]) * 100)
+	assert ws.recv().startswith(f"42{NS},[\"pong\",")
+	ws.send(f"42{NS},[\"ping\"]")
+	assert ws.recv().startswith(f"42{NS},[\"pong\",")
+	ws.close()
+	assert server.metric("excel_pos_realtime_client_events_total", result="malformed") == 0
 
 
 def test_a_malformed_packet_over_long_polling_is_answered_at_once_and_ends_the_poll(realtime):

@@ -31,7 +31,7 @@ import socketio
 from socketio import packet
 
 from excel_restaurant_pos.auth import token_fingerprint
-from excel_restaurant_pos.realtime import backend, events, log, metrics, rooms, transport
+from excel_restaurant_pos.realtime import backend, events, log, metrics, packets, rooms, transport
 from excel_restaurant_pos.realtime.bridge import Bridge
 from excel_restaurant_pos.realtime.collector import Collector, freeze_start_up_heap
 from excel_restaurant_pos.realtime.config import Config
@@ -46,50 +46,6 @@ logger = logging.getLogger("excel_restaurant_pos.realtime")
 SWEEP_INTERVAL = 1.0
 #: Connections of the process's command client to Redis (the readers have their own).
 REDIS_CONNECTIONS = 128
-
-
-#: Event names the Socket.IO protocol keeps for itself: a client's event by one of these
-#: names would reach the server's own connect and disconnect handlers.
-RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"})
-
-
-class MalformedPacket(ValueError):
-	"""A client sent a message that is not a packet a Socket.IO client may send."""
-
-
-def client_payload_error(packet_type: Any, data: Any) -> str | None:
-	"""Why ``data`` is not what a client's packet of ``packet_type`` carries, or ``None``.
-	As the reference parser (socket.io-parser v4) has it, an event is an array led by its
-	name and an ack an array, and a client never sends CONNECT_ERROR. A CONNECT's payload is
-	left to the connect flow, which refuses an ``auth`` that is not an object with a reason
-	the client can show."""
-	if packet_type in (packet.EVENT, packet.BINARY_EVENT):
-		if not (isinstance(data, list) and data and isinstance(data[0], str)):
-			return "event payload is not an array led by the event's name"
-		return f"reserved event name {data[0]!r}" if data[0] in RESERVED_EVENTS else None
-	if packet_type in (packet.ACK, packet.BINARY_ACK):
-		return None if isinstance(data, list) else "ack payload is not an array"
-	return None if packet_type in (packet.CONNECT, packet.DISCONNECT) else f"packet type {packet_type!r}"
-
-
-class ClientPacket(packet.Packet):
-	"""python-socketio's packet, with a client's packet that does not decode, or breaks
-	:func:`client_payload_error`'s rules, refused as :class:`MalformedPacket`."""
-
-	def __init__(self, *args: Any, encoded_packet: str | bytes | None = None, **kwargs: Any):
-		if encoded_packet is not None and not encoded_packet:
-			raise MalformedPacket("empty packet")  # python-socketio would read it as an event with no payload
-		super().__init__(*args, encoded_packet=encoded_packet, **kwargs)
-
-	def decode(self, encoded_packet: str | bytes) -> int:
-		try:
-			attachments = super().decode(encoded_packet)
-		except (ValueError, TypeError) as exc:  # bad JSON, digits or text where bytes were due
-			raise MalformedPacket(f"{type(exc).__name__}: {exc}") from None
-		error = client_payload_error(self.packet_type, self.data)
-		if error:
-			raise MalformedPacket(error)
-		return attachments
 
 
 class SocketServer(socketio.Server):
@@ -109,9 +65,10 @@ class SocketServer(socketio.Server):
 		``/health``) and the connection stays: a client could fill the log at will."""
 		try:
 			super()._handle_eio_message(eio_sid, data)
-		except MalformedPacket as exc:
-			metrics.CLIENT_EVENTS.labels("malformed").inc()
-			logger.info("closed eio_sid=%s: malformed packet (%s)", eio_sid, exc)  # never the packet: it may hold a token
+		except ValueError as exc:
+			if not packets.from_client(exc):
+				raise
+			packets.report(eio_sid, exc)
 			eio_socket = self.eio.sockets.get(eio_sid)
 			if eio_socket is not None:  # without waiting: a long-poll's POST would wait for the next GET
 				eio_socket.close(wait=False, abort=False)
@@ -155,7 +112,7 @@ class RealtimeServer:
 			cors_allowed_origins="*",  # origins are checked at connect, with a clear refusal
 			logger=False,
 			engineio_logger=False,
-			serializer=ClientPacket,
+			serializer=packets.ClientPacket,
 			max_http_buffer_size=config.max_payload,
 			ping_interval=config.ping_interval,
 			ping_timeout=config.ping_timeout,

@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from excel_restaurant_pos.realtime import packets
 from excel_restaurant_pos.realtime.detached import DETACH
 
 if TYPE_CHECKING:
@@ -549,7 +550,12 @@ class WebSocketReader:
 		if data is None:  # closed by the client
 			return False
 		try:
-			eio_socket.receive(packet.Packet(encoded_packet=data))
+			received = packet.Packet(encoded_packet=data)
+		except (ValueError, TypeError, IndexError) as exc:  # not an Engine.IO packet: the connection ends
+			packets.report(eio_socket.sid, exc)
+			return False
+		try:
+			eio_socket.receive(received)
 		except exceptions.UnknownPacketError:
 			pass
 		except exceptions.SocketIsClosedError:
