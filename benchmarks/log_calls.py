@@ -44,7 +44,6 @@ from excel_restaurant_pos.realtime.ingest import Ingester  # noqa: E402
 from tests.harness import RedisServer  # noqa: E402
 
 
-
 def cpu_s() -> float:
 	usage = resource.getrusage(resource.RUSAGE_SELF)
 	return usage.ru_utime + usage.ru_stime

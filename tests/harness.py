@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import redis
+import websocket
 
 from excel_restaurant_pos.auth import TokenError, bearer_token, verify_token
 
@@ -59,6 +60,17 @@ def assert_no_traceback(text: str) -> None:
 	"""Fail with the text from the first traceback Python printed into ``text`` (a log, stderr)."""
 	found = TRACEBACK.search(text)
 	assert found is None, text[found.start() :] if found else ""
+
+
+def raw_connect(port: int, namespace: str, auth: Any, **options: Any) -> tuple[websocket.WebSocket, dict]:
+	"""A hand-made Socket.IO connect over a websocket (``options`` go to
+	``websocket.create_connection``): the socket, and the CONNECT reply's data as sent."""
+	ws = websocket.create_connection(f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket", timeout=10, **options)
+	assert ws.recv().startswith("0{")  # Engine.IO open
+	ws.send(f"40{namespace}," + json.dumps(auth))
+	reply = ws.recv()
+	assert reply.startswith(f"40{namespace},"), reply
+	return ws, json.loads(reply[len(f"40{namespace},") :])
 
 
 def make_bench(

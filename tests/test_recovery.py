@@ -20,7 +20,7 @@ import pytest
 import redis
 import socketio
 import websocket
-from harness import TcpProxy, assert_no_traceback, free_port, wait_for
+from harness import TcpProxy, assert_no_traceback, free_port, raw_connect, wait_for
 from test_connect import token
 
 NS = "/excel_restaurant_pos/default"
@@ -226,16 +226,6 @@ def test_a_gap_longer_than_the_window_starts_a_new_session(proxied, js, publish)
 	assert server.metric("excel_pos_realtime_recoveries_total", result="expired") == 1
 
 
-def raw_connect(port: int, auth: dict) -> tuple[websocket.WebSocket, dict]:
-	"""A hand-made Socket.IO connect over a websocket: the CONNECT reply's data as sent."""
-	ws = websocket.create_connection(f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket", timeout=10)
-	assert ws.recv().startswith("0{")
-	ws.send(f"40{NS}," + json.dumps(auth))
-	reply = ws.recv()
-	assert reply.startswith(f"40{NS},"), reply
-	return ws, json.loads(reply[len(f"40{NS},") :])
-
-
 def test_a_pid_with_another_users_token_restores_nothing(proxied, js, publish):
 	server, proxy = proxied()
 	first = connect(js, "kitchen", proxy.url + NS)
@@ -243,9 +233,9 @@ def test_a_pid_with_another_users_token_restores_nothing(proxied, js, publish):
 	gap(js, proxy, ("kitchen",), 1)
 	publish.publish_to_room("kitchen", "order:new", {"n": 1})
 
-	thief, reply = raw_connect(server.port, {"token": token("guest@example.com"), "recover": True, "pid": first["pid"]})
+	thief, reply = raw_connect(server.port, NS, {"token": token("guest@example.com"), "recover": True, "pid": first["pid"]})
 	assert reply["pid"] != first["pid"]
-	bare, bare_reply = raw_connect(server.port, {"token": token("guest@example.com"), "pid": first["pid"]})
+	bare, bare_reply = raw_connect(server.port, NS, {"token": token("guest@example.com"), "pid": first["pid"]})
 	assert set(bare_reply) == {"sid"}  # did not ask for recovery: nothing about it on the wire
 	publish.publish_to_room("kitchen", "order:new", {"n": 2})
 	publish.publish_to_user("guest@example.com", "fence", {})
@@ -349,12 +339,8 @@ def events_of(ws: websocket.WebSocket, until: str) -> list[list]:
 def test_a_client_cut_off_for_not_reading_recovers_the_rest(realtime, publish):
 	server = realtime(slow_client_seconds=1)
 	bearer = token("cook@example.com")
-	stalled = websocket.create_connection(
-		f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),)
-	)
-	assert stalled.recv().startswith("0{")
-	stalled.send(f"40{NS}," + json.dumps({"token": bearer, "recover": True}))
-	pid = json.loads(stalled.recv()[len(f"40{NS},") :])["pid"]
+	stalled, reply = raw_connect(server.port, NS, {"token": bearer, "recover": True}, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+	pid = reply["pid"]
 	stalled.send(f"42{NS}," + json.dumps(["room:join", "firehose"]))
 	wait_for(lambda: '"firehose"' in stalled.recv(), 10, message="room:joined")
 	# From here on it reads nothing: a tablet whose app froze, its socket still open.
@@ -365,7 +351,7 @@ def test_a_client_cut_off_for_not_reading_recovers_the_rest(realtime, publish):
 	stalled.close()
 
 	publish.publish_to_room("firehose", "end", {})
-	back, reply = raw_connect(server.port, {"token": bearer, "recover": True, "pid": pid})
+	back, reply = raw_connect(server.port, NS, {"token": bearer, "recover": True, "pid": pid})
 	assert reply["pid"] == pid  # recovered: the client library would say socket.recovered
 	got = events_of(back, "end")
 	back.close()

@@ -18,7 +18,7 @@ import pytest
 import requests
 import socketio
 import websocket
-from harness import TcpProxy, assert_no_traceback, wait_for
+from harness import TcpProxy, assert_no_traceback, raw_connect, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_connect import token, unsigned_token
@@ -35,14 +35,7 @@ class StalledClient:
 	"""
 
 	def __init__(self, port: int, bearer: str, *join: str):
-		self.ws = websocket.create_connection(
-			f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket",
-			timeout=10,
-			sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),),
-		)
-		assert self.ws.recv().startswith("0{")  # Engine.IO open
-		self.ws.send(f"40{NS}," + json.dumps({"token": bearer}))
-		assert self.ws.recv().startswith(f"40{NS},")  # Socket.IO connected
+		self.ws, _ = raw_connect(port, NS, {"token": bearer}, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
 		for ack, room in enumerate(join):  # each join is answered before the client stops reading
 			self.ws.send(f"42{NS},{ack}" + json.dumps(["room:join", room]))
 			while not self.ws.recv().startswith(f"43{NS},{ack}["):
@@ -389,10 +382,7 @@ def test_a_malformed_packet_closes_its_connection_and_nobody_else_notices(realti
 	``/health``'s errors, and the clients beside it keep their events."""
 	server = realtime()
 	js.connect("kitchen", server.url + NS, token=token("chef@example.com"))
-	bad = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10)
-	assert bad.recv().startswith("0{")  # Engine.IO open
-	bad.send(f"40{NS}," + json.dumps({"token": token("bad@example.com")}))
-	assert bad.recv().startswith(f"40{NS},")
+	bad, _ = raw_connect(server.port, NS, {"token": token("bad@example.com")})
 	for frame in frames:
 		bad.send_binary(frame) if isinstance(frame, bytes) else bad.send(frame)
 	received = []
@@ -420,10 +410,7 @@ def test_packets_with_binary_attachments_still_arrive(realtime):
 	"""The checks leave well-formed binary packets alone: an event with ten attachments (as
 	many as the reference server takes) is answered, and the connection stays."""
 	server = realtime()
-	ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket", timeout=10)
-	assert ws.recv().startswith("0{")
-	ws.send(f"40{NS}," + json.dumps({"token": token("chef@example.com")}))
-	assert ws.recv().startswith(f"40{NS},")
+	ws, _ = raw_connect(server.port, NS, {"token": token("chef@example.com")})
 	placeholders = ",".join(attachment(number) for number in range(10))
 	ws.send(f"4510-{NS},[\"ping\",[{placeholders}]]")
 	for number in range(10):
