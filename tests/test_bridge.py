@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +17,11 @@ import redis
 from harness import wait_for
 from prometheus_client import REGISTRY
 
-from excel_restaurant_pos.realtime import log
-from excel_restaurant_pos.realtime.bridge import FRAPPE_CHANNEL, BadMessage, Bridge, Parser
+from excel_restaurant_pos.realtime import ingest, log
+from excel_restaurant_pos.realtime.bridge import FRAPPE_CHANNEL, LEAD_READ_S, BadMessage, Bridge, Parser
 from excel_restaurant_pos.realtime.config import Config, load_config
 from excel_restaurant_pos.realtime.log import Delivery
-from excel_restaurant_pos.realtime.utils import APP_CHANNEL, LOGGED, publish_event
+from excel_restaurant_pos.realtime.utils import APP_CHANNEL, LOGGED, announcement, publish_event
 
 SITES = ("site1.local", "site2.local")
 
@@ -312,10 +313,28 @@ def test_bridge_survives_a_failing_delivery(start_bridge, redis_server, redis_ur
 	assert running.bridge.connected
 
 
-def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge, redis_server, redis_url):
+def occupy_lease(client: redis.Redis, url: str) -> None:
+	"""Another process holds the lease on logging ``url``'s channels: a bridge started now
+	follows, reading the log."""
+	client.set(ingest.keys(url)[0], "another process", px=60_000)
+
+
+def append_announced(client: redis.Redis, events: list[str], site: str = "site1.local") -> None:
+	"""Append entries in one transaction, each announced as the publish helpers do."""
+	with client.pipeline(transaction=True) as pipe:
+		for event in events:
+			pipe.xadd(log.log_key(site), Delivery(site, "app", "kitchen", event, {}).fields())
+			pipe.publish(APP_CHANNEL, announcement(event, "kitchen"))
+		pipe.execute()
+
+
+@pytest.mark.parametrize("leading", [True, False], ids=["leading", "following"])
+def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge, redis_server, redis_url, leading):
 	"""The server holds its writes while a batch is open, so one opens around what one read
-	returned, and none stays open while the reader waits on Redis for the next."""
+	returned, and none stays open while the bridge waits on Redis for the next."""
 	client = redis_server.client()
+	if not leading:
+		occupy_lease(client, redis_url)
 	running = start_bridge(redis_url)
 	seen: list[str] = []
 	batch_open = threading.Event()
@@ -333,17 +352,79 @@ def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge
 	running.bridge.deliver = lambda delivery: seen.append(delivery.event)
 	running.bridge.batch = batch
 	wait_for(lambda: running.bridge.ready, 10, message="log reader ready")
+	wait_for(listening(client, APP_CHANNEL), 10, message="bridge subscribed")
+	wait_for(lambda: running.bridge.leading == leading, 10, message=f"leading is {leading}")
 
-	with client.pipeline(transaction=True) as appends:  # three entries the reader gets in one read
-		for event in ("first", "second", "third"):
-			log.append(appends, Delivery("site1.local", "app", "kitchen", event, {}), 100)
-		appends.execute()
+	append_announced(client, ["first", "second", "third"])
 
 	wait_for(lambda: "close" in seen, 10, message="three deliveries and the batch closed")
-	reader_waits = lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in client.client_list())  # noqa: E731
-	wait_for(reader_waits, 10, message="the reader waiting on Redis again")
+	if not leading:
+		reader_waits = lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in client.client_list())  # noqa: E731
+		wait_for(reader_waits, 10, message="the reader waiting on Redis again")
 	assert seen == ["open", "first", "second", "third", "close"]
 	assert not batch_open.is_set()
+	assert running.bridge.leading == leading
+
+
+def test_the_leading_process_reads_the_log_in_the_call_that_appends(start_bridge, redis_server, redis_url, monkeypatch):
+	"""While a process logs every channel, it delivers what its own Lua call appended from
+	that call's answer: no read of the log per event, only one a second unasked."""
+	client = redis_server.client()
+	reads: list[float] = []
+	xread = redis.Redis.xread
+
+	def counting_xread(self: redis.Redis, *args: Any, **kwargs: Any) -> Any:
+		reads.append(time.monotonic())
+		return xread(self, *args, **kwargs)
+
+	monkeypatch.setattr(redis.Redis, "xread", counting_xread)
+	running = start_bridge(redis_url)
+	wait_for(lambda: running.bridge.leading, 10, message="the bridge leads")
+	wait_for(listening(client, FRAPPE_CHANNEL), 10, message="bridge subscribed")
+	began, before = time.monotonic(), len(reads)
+
+	for n in range(30):  # one at a time: each is its own Lua call
+		client.publish(FRAPPE_CHANNEL, v15("doc_update", {"n": n}, "doc:ToDo/1"))
+		wait_for(lambda: len(running.deliveries) == n + 1, 10, message=f"delivery {n}")
+
+	elapsed = time.monotonic() - began
+	assert [delivery.message["n"] for delivery in running.deliveries] == list(range(30))
+	assert len(reads) - before <= elapsed / LEAD_READ_S + 2, (len(reads) - before, elapsed)
+
+
+def test_the_leading_process_delivers_appends_from_everywhere_once_and_in_order(start_bridge, redis_server, redis_url):
+	"""Frappe's messages (appended by the leading process), the helpers' announced appends
+	and a burst of more than one read's worth, all at once: every entry is delivered once,
+	in the log's order, whichever of the bridge's two readers got to it first."""
+	client = redis_server.client()
+	running = start_bridge(redis_url)
+	wait_for(lambda: running.bridge.leading, 10, message="the bridge leads")
+	wait_for(listening(client, FRAPPE_CHANNEL, APP_CHANNEL), 10, message="bridge subscribed")
+
+	def frappe() -> None:
+		publisher = redis_server.client()
+		for n in range(300):
+			publisher.publish(FRAPPE_CHANNEL, v15("frappe", {"n": n}, "doc:ToDo/1"))
+
+	def helpers() -> None:
+		appender = redis_server.client()
+		for n in range(0, 300, 3):
+			append_announced(appender, [f"helper{n}", f"helper{n + 1}", f"helper{n + 2}"])
+		append_announced(appender, [f"burst{n}" for n in range(2 * log.BATCH + 1)])
+
+	threads = [threading.Thread(target=frappe), threading.Thread(target=helpers)]
+	for thread in threads:
+		thread.start()
+	for thread in threads:
+		thread.join(30)
+	total = 300 + 300 + 2 * log.BATCH + 1
+	wait_for(lambda: len(running.log) >= total, 15, message="every delivery")
+
+	in_log = [log.text(offset) for offset, _ in client.xrange(log.log_key("site1.local"))]
+	delivered = [delivery.offset for delivery in running.log]
+	assert len(in_log) == total
+	assert delivered == in_log
+	assert running.bridge.leading
 
 
 def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeypatch, caplog):

@@ -13,6 +13,7 @@ import threading
 import redis
 from harness import Nginx, TcpProxy, free_port, wait_for
 from test_connect import token
+from test_publish import Listener
 from test_recovery import RECONNECT, connect, wait_connects, wait_disconnects
 
 APP_NS = "/excel_restaurant_pos/default"
@@ -85,8 +86,12 @@ def test_events_published_together_are_read_from_the_log_together(realtime, redi
 	assert [json.loads(fields[b"message"])["n"] for _, fields in entries] == list(range(10))
 
 
-def test_order_updates_cross_processes_and_namespaces(realtime, js):
+def test_order_updates_cross_processes_and_namespaces(realtime, js, redis_url):
+	"""A client's room event reaches the other process's clients. The process that appends
+	it announces it on the app channel: the process holding the lease learns of appends it
+	did not make itself from there, not by reading the log for each event."""
 	first, second = realtime(), realtime()
+	announcements = Listener(redis_url)
 	js.connect("waiter", first.url + APP_NS, token=token("waiter@example.com"))
 	js.connect("kitchen-app", second.url + APP_NS, token=token("cook@example.com"))
 	js.connect("kitchen-desk", second.url + FRAPPE_NS, token=token("cook@example.com"))
@@ -97,6 +102,7 @@ def test_order_updates_cross_processes_and_namespaces(realtime, js):
 		update = js.wait_event(client, "order:updated")[0]
 		assert (update["order_id"], update["status"], update["updated_by"]) == ("ORD-1", "ready", "waiter@example.com")
 	assert js.received("waiter", "order:updated") == []
+	assert announcements.next() == ("excel_restaurant_pos_events", {"event": "order:updated", "room": "kitchen", "logged": True})
 
 
 def test_when_the_process_logging_frappe_events_dies_another_takes_over(realtime, js, redis_url):

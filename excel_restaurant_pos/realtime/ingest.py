@@ -45,22 +45,29 @@ KEPT_MESSAGES = 100_000
 MARK_TTL_S = 3600
 logger = logging.getLogger(__name__)
 
-#: KEYS: lease, mark, then each entry's log. ARGV: holder, mark, max events, then for each
-#: entry the number of its field names and values and those. Logs the entries and moves the
-#: mark when the caller still holds the lease; returns whether it did. One call for the
-#: messages Redis handed over together: a reader blocked on the log is answered once the
-#: call ends, with all of them, so each client gets a commit's events in one write.
+#: KEYS: lease, mark, each entry's log, then the logs to read. ARGV: holder, mark (empty:
+#: leave it), max events, the number of entries, for each entry the number of its field
+#: names and values and those, then the offset to read each log after. Logs the entries and
+#: moves the mark when the caller still holds the lease; returns 0 when it does not, else 1,
+#: or with logs to read ``{1, XREAD's answer}``. One call for the messages Redis handed over
+#: together: a reader blocked on the log is answered once the call ends, with all of them,
+#: so each client gets a commit's events in one write.
 _LOG_ONCE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local at = 4
-for key = 3, #KEYS do
+local entries = tonumber(ARGV[4])
+local at = 5
+for key = 3, 2 + entries do
 	local size = tonumber(ARGV[at])
 	redis.call('XADD', KEYS[key], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, at + 1, at + size))
 	at = at + size + 1
 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', %d)
-return 1
-""" % MARK_TTL_S
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', %d) end
+if #KEYS == 2 + entries then return 1 end
+local read = {'XREAD', 'COUNT', %d, 'STREAMS'}
+for key = 3 + entries, #KEYS do read[#read + 1] = KEYS[key] end
+for offset = at, #ARGV do read[#read + 1] = ARGV[offset] end
+return {1, redis.call(unpack(read))}
+""" % (MARK_TTL_S, log.BATCH)
 
 #: KEYS: lease. ARGV: holder, milliseconds. Renews the lease of its holder; 0 when it lost it.
 _RENEW = """
@@ -78,6 +85,12 @@ return 0
 def _already_logged(raw: bytes | str) -> bool:
 	"""Whether a message is a publish helper's announcement (see ``utils.LOGGED``)."""
 	return raw.endswith(LOGGED.encode() if isinstance(raw, bytes) else LOGGED)
+
+
+def keys(source_url: str) -> tuple[str, str]:
+	"""The lease and the mark of the logging of one Redis's channels."""
+	name = hashlib.sha1(source_url.encode()).hexdigest()[:12]
+	return f"{APP_NAME}:ingester:{name}", f"{APP_NAME}:ingested:{name}"
 
 
 class Kept:
@@ -103,22 +116,25 @@ class Ingester:
 		self.max_events = max_events
 		self.parse = parse
 		self.on_bad = on_bad
-		name = hashlib.sha1(source_url.encode()).hexdigest()[:12]
-		self.lease_key = f"{APP_NAME}:ingester:{name}"
-		self.mark_key = f"{APP_NAME}:ingested:{name}"
+		self.lease_key, self.mark_key = keys(source_url)
 		self.holding = False
+		#: Called whenever ``holding`` changes.
+		self.on_change: Callable[[], None] = lambda: None
 		self.kept: collections.deque[Kept] = collections.deque(maxlen=KEPT_MESSAGES)
 		self._recent = collections.deque(("", ""), maxlen=2)
 		self._log_once = redis_client.register_script(_LOG_ONCE)
 		self._renew = redis_client.register_script(_RENEW)
 		self._release = redis_client.register_script(_RELEASE)
 
-	def receive(self, messages: list[tuple[str, bytes | str]]) -> None:
+	def receive(self, messages: list[tuple[str, bytes | str]], after: dict[str, str] | None = None) -> list | None:
 		"""Keep messages Redis handed over together, each ``(channel, raw)``; log them too,
-		in one call, while holding the lease."""
+		in one call, while holding the lease. With ``after`` (site → offset) the same call
+		reads every site's log past it and returns what it found, as ``XREAD`` does: the
+		holder delivers what it logged without a round trip to read it back."""
 		items = [self._keep(channel, raw) for channel, raw in messages]
 		if self.holding:
-			self._log(items)
+			return self._log(items, after)
+		return None
 
 	def _keep(self, channel: str, raw: bytes | str) -> Kept:
 		"""Keep one message, with its fingerprint, for a successor's catch-up."""
@@ -133,11 +149,12 @@ class Ingester:
 			self.kept.popleft()
 		return item
 
-	def _log(self, items: list[Kept]) -> None:
+	def _log(self, items: list[Kept], after: dict[str, str] | None = None) -> list | None:
 		"""Log messages in one call and move the mark past the last that had something to
 		log. Those with nothing to log leave the mark where it is: a successor would pass
-		over them again, at no cost."""
-		keys, args, last = [self.lease_key, self.mark_key], [self.holder, "", self.max_events], None
+		over them again, at no cost. With ``after``, read the logs in the same call (see
+		:meth:`receive`)."""
+		logs, args, last = [], [], None
 		for item in items:
 			if item.raw is None:
 				continue
@@ -149,27 +166,37 @@ class Ingester:
 			if delivery is None:
 				continue
 			fields = [part for pair in delivery.fields().items() for part in pair]
-			keys.append(log.log_key(delivery.site))
+			logs.append(log.log_key(delivery.site))
 			args += (len(fields), *fields)
 			last = item
-		if last is None:
-			return
-		args[1] = f"{last.fingerprint}|{last.at!r}"
+		if last is None and after is None:
+			return None
+		mark = f"{last.fingerprint}|{last.at!r}" if last is not None else ""
+		read = dict(after or {})  # a snapshot: the other reader moves positions on
+		keys = [self.lease_key, self.mark_key, *logs, *map(log.log_key, read)]
 		try:
-			logged = self._log_once(keys=keys, args=args)
+			answer = self._log_once(keys=keys, args=[self.holder, mark, self.max_events, len(logs), *args, *read.values()])
 		except Exception as exc:
-			logger.error("could not log %d event(s) from %s, so they are lost: %s", len(keys) - 2, ", ".join(sorted({item.channel for item in items})), exc)
-			return
-		if not logged:
-			self.holding = False
-			logger.warning("lost the lease on logging %s; another process logs it now", self.lease_key)
+			if logs:
+				logger.error("could not log %d event(s) from %s, so they are lost: %s", len(logs), ", ".join(sorted({item.channel for item in items})), exc)
+			else:
+				logger.warning("could not read the log: %s", exc)
+			return None
+		if not answer:
+			self._lost()
+			return None
+		return log.from_script(answer[1]) if isinstance(answer, list) else None
+
+	def _lost(self) -> None:
+		self.holding = False
+		self.on_change()
+		logger.warning("lost the lease on logging %s; another process logs it now", self.lease_key)
 
 	def check_lease(self) -> None:
 		"""Renew the lease, or take it when it is free and catch up from the mark."""
 		if self.holding:
 			if not self._renew(keys=[self.lease_key], args=[self.holder, LEASE_MS]):
-				self.holding = False
-				logger.warning("lost the lease on logging %s; another process logs it now", self.lease_key)
+				self._lost()
 			return
 		if not self.redis.set(self.lease_key, self.holder, nx=True, px=LEASE_MS):
 			return
@@ -184,11 +211,13 @@ class Ingester:
 			if index == len(pending):
 				pending += self._newer_than(pending[-1])
 		self.holding = True
+		self.on_change()
 
 	def release(self) -> None:
 		"""Give the lease up (at shutdown), so another process takes over at once."""
 		if self.holding:
 			self.holding = False
+			self.on_change()
 			try:
 				self._release(keys=[self.lease_key], args=[self.holder])
 			except Exception:  # the lease expires by itself

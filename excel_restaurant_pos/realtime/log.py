@@ -115,9 +115,22 @@ def decode(site: str, offset: bytes | str, fields: dict) -> Delivery:
 	return Delivery(site, scope, fields.get("room") or None, event, message, text(offset), fields.get("skip") or None)
 
 
-def append(client: Any, delivery: Delivery, max_events: int) -> str:
-	"""Append ``delivery`` to its site's log; returns its offset."""
-	return text(client.xadd(log_key(delivery.site), delivery.fields(), maxlen=max_events, approximate=True))
+def append(client: Any, site: str, fields: dict[str, str], max_events: int, channel: str, announcement: str) -> tuple[str, int]:
+	"""Append an entry to a site's log and announce it on the pub/sub ``channel``, both or
+	neither; returns its offset and how many subscribers heard. The announcement is how the
+	process that logs the channels learns that something else appended (see
+	:class:`~excel_restaurant_pos.realtime.bridge.Bridge`), so nothing appends silently."""
+	pipe = client.pipeline(transaction=True)
+	pipe.xadd(log_key(site), fields, maxlen=max_events, approximate=True)
+	pipe.publish(channel, announcement)
+	offset, listeners = pipe.execute()
+	return text(offset), int(listeners)
+
+
+def from_script(read: Any) -> list:
+	"""What ``XREAD`` answers inside a Lua script (field names and values in one flat list)
+	in the shape redis-py gives it: ``[(key, [(offset, {name: value}), …]), …]``."""
+	return [(key, [(offset, dict(zip(flat[::2], flat[1::2]))) for offset, flat in entries]) for key, entries in read or ()]
 
 
 def last_offset(client: Any, site: str) -> str:

@@ -31,7 +31,7 @@ import socketio
 from socketio import packet
 
 from excel_restaurant_pos.auth import token_fingerprint
-from excel_restaurant_pos.realtime import backend, events, log, metrics, packets, rooms, transport
+from excel_restaurant_pos.realtime import backend, events, log, metrics, packets, rooms, transport, utils
 from excel_restaurant_pos.realtime.bridge import Bridge
 from excel_restaurant_pos.realtime.collector import Collector, freeze_start_up_heap
 from excel_restaurant_pos.realtime.config import Config
@@ -312,7 +312,8 @@ class RealtimeServer:
 
 	def append(self, delivery: Delivery) -> str:
 		"""Append an event to its site's log; every server process delivers it from there."""
-		return log.append(self.redis, delivery, self.config.recovery_max_events)
+		announcement = utils.announcement(delivery.event, delivery.room)
+		return log.append(self.redis, delivery.site, delivery.fields(), self.config.recovery_max_events, utils.APP_CHANNEL, announcement)[0]
 
 	def publish(self, delivery: Delivery) -> None:
 		"""An event a client sent to a room: logged like every other, or, while the log

@@ -72,6 +72,12 @@ def encode_message(event: str, namespace: str, room: str | None, message: Any) -
 	return encode_json(event, {"namespace": namespace, "room": room, "event": event, "message": message})
 
 
+def announcement(event: str, room: str | None) -> str:
+	"""What the server announces on the app channel for an event it appended itself (a
+	client's room event): the event is in the log, and the message is not repeated."""
+	return encode_json(event, {"event": event, "room": room, "logged": True})
+
+
 def _running_frappe() -> Any | None:
 	"""The ``frappe`` module when this code runs inside a Frappe site, else ``None``.
 
@@ -150,10 +156,7 @@ def site_of(namespace: str, frappe: Any | None) -> str:
 def _send(url: str, site: str, entry: dict[str, str], payload: str, event: str, max_events: int) -> int:
 	"""Append to the site's log and announce on the app channel, both or neither."""
 	try:
-		pipe = _redis_client(url).pipeline(transaction=True)
-		pipe.xadd(log.log_key(site), entry, maxlen=max_events, approximate=True)
-		pipe.publish(APP_CHANNEL, payload)
-		return int(pipe.execute()[1])
+		return log.append(_redis_client(url), site, entry, max_events, APP_CHANNEL, payload)[1]
 	except Exception as exc:
 		frappe = _running_frappe()
 		if frappe is not None:
