@@ -212,20 +212,28 @@ class Bridge:
 		logger.warning("skipped message on %r: %s: %.200r", channel, exc, raw)
 
 	def deliver_read(self, read: list) -> None:
-		"""Deliver what one read of the logs returned (``XREAD``'s answer), in one batch."""
-		with self._delivering, self.batch():  # opened only once the read is back: it holds writes
+		"""Deliver what one read of the logs returned (``XREAD``'s answer) in one batch,
+		past what the other reader delivered already."""
+		if any(len(entries) >= log.BATCH for _, entries in read):
+			self._wake.set()  # more may wait: a leading log reader reads on
+		with self._delivering:
+			fresh = []
 			for key, entries in read:
-				self.handle_entries(log.text(key)[len(log.KEY_PREFIX) :], entries)
-				if len(entries) >= log.BATCH:  # more may wait: a leading log reader reads on
-					self._wake.set()
+				site = log.text(key)[len(log.KEY_PREFIX) :]
+				position = log.offset_key(self.positions[site])
+				entries = [entry for entry in entries if log.offset_key(log.text(entry[0])) > position]
+				if entries:
+					fresh.append((site, entries))
+			if not fresh:
+				return
+			with self.batch():  # opened only once the read is back: it holds writes
+				for site, entries in fresh:
+					self.handle_entries(site, entries)
 
 	def handle_entries(self, site: str, entries: list) -> None:
-		"""Deliver log entries in order, past what was delivered already; a malformed one is
-		logged, counted and passed over."""
+		"""Deliver log entries in order; a malformed one is logged, counted and passed over."""
 		for entry_id, fields in entries:
 			offset = log.text(entry_id)
-			if log.offset_key(offset) <= log.offset_key(self.positions[site]):
-				continue  # the other reader delivered it
 			try:
 				delivery = log.decode(site, offset, fields)
 			except ValueError as exc:
@@ -294,12 +302,6 @@ class Bridge:
 			logger.info("listening on redis %s: %s", reader[0], ", ".join(self.subscriptions[reader[0]]))
 			yield
 			ingester = self.ingesters[reader[0]]
-
-			def log_received() -> None:
-				read = ingester.receive(received, self.positions if self.leading else None)
-				if read:
-					self.deliver_read(read)
-
 			while self._running:
 				received: list[tuple[str, Any]] = []
 				message = pubsub.get_message(timeout=1.0)
@@ -310,16 +312,23 @@ class Bridge:
 						channel = log.text(message["channel"])
 						if channel == CONTROL_CHANNEL:
 							if received:  # what came before it is logged before it acts
-								log_received()
+								self._log(ingester, received)
 								received = []
 							self._control(message["data"])
 						else:
 							received.append((channel, message["data"]))
 					message = pubsub.get_message(timeout=0) if len(received) < log.BATCH else None
 				if received:
-					log_received()
+					self._log(ingester, received)
 		finally:
 			_close(pubsub)
+
+	def _log(self, ingester: Ingester, received: list[tuple[str, Any]]) -> None:
+		"""Hand received messages to their ingester; while leading, deliver what the log
+		holds past the positions, which the ingester read in the call that logged them."""
+		read = ingester.receive(received, self.positions if self.leading else None)
+		if read:
+			self.deliver_read(read)
 
 	def _read_log(self, client: Any, reader: tuple[str, str]) -> Any:
 		"""Find where each site's log stands (once), say so, then read until stopped."""
