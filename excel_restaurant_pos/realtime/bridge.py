@@ -128,9 +128,10 @@ class Bridge:
 	"""The readers of one server process, in green threads started by ``spawn`` (so this
 	module does not depend on eventlet). ``connected`` is what ``/health`` reports.
 
-	``positions`` (site → the last offset delivered) is where the log reader is: everything
-	up to it was handed to ``deliver``. It starts at the newest entry of each log, and after
-	an outage reading resumes from it, so nothing appended meanwhile is skipped.
+	``positions`` (site → the last offset delivered) is where delivery is, whichever reader
+	delivered: everything up to it was handed to ``deliver``. It starts at the newest entry
+	of each log, and after an outage reading resumes from it, so nothing appended meanwhile
+	is skipped.
 	"""
 
 	def __init__(

@@ -3,9 +3,12 @@
 Every event for a site's clients is appended to the stream ``excel_restaurant_pos:log:<site>``
 (``XADD … MAXLEN ~ recovery_max_events``), whatever its source: the publish helpers append
 directly, the bridge appends what arrives on the pub/sub channels, and the server appends
-the room events its clients send. Each server process reads the streams of its sites in
-order (:class:`~excel_restaurant_pos.realtime.bridge.LogReader`) and delivers every
-entry to its own clients.
+the room events its clients send. The helpers and the server announce what they append
+on a pub/sub channel (:func:`append`), as what the bridge appends was announced. Each
+server process reads the streams of its sites in order
+(:class:`~excel_restaurant_pos.realtime.bridge.Bridge`; the process that appends what
+arrives on the channels reads in the same call) and delivers every entry to its own
+clients.
 
 The stream's entry IDs are the offsets of the recovery protocol: ordered per site, assigned
 by Redis, and still valid after a server restarts. A recovering client that comes back
