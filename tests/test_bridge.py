@@ -427,6 +427,30 @@ def test_the_leading_process_delivers_appends_from_everywhere_once_and_in_order(
 	assert running.bridge.leading
 
 
+def test_a_process_that_loses_the_lease_reads_what_the_new_holder_logs(start_bridge, redis_server, redis_url):
+	"""The leading process pauses past its lease (a busy machine) and another process takes
+	the lease over and logs Frappe's messages from then on, announcing nothing: the paused
+	one stops leading and delivers what the other logged, from the log, once each."""
+	client = redis_server.client()
+	running = start_bridge(redis_url)
+	wait_for(lambda: running.bridge.leading, 10, message="the bridge leads")
+	wait_for(listening(client, FRAPPE_CHANNEL), 10, message="bridge subscribed")
+	client.publish(FRAPPE_CHANNEL, v15("before", {}, "doc:ToDo/1"))
+	wait_for(lambda: len(running.log) == 1, 10, message="the first delivery")
+
+	client.set(ingest.keys(redis_url)[0], "another process", px=60_000)  # expired and taken
+	wait_for(lambda: not running.bridge.leading, 10, message="the bridge stops leading")
+	for n in range(3):  # what the other process logs from Frappe's channel
+		client.publish(FRAPPE_CHANNEL, v15("after", {"n": n}, "doc:ToDo/1"))
+		client.xadd(log.log_key("site1.local"), Delivery("site1.local", "site", "doc:ToDo/1", "after", {"n": n}).fields())
+
+	client.xadd(log.log_key("site1.local"), Delivery("site1.local", "site", None, "fence", {}).fields())
+
+	wait_for(lambda: running.log and running.log[-1].event == "fence", 10, message="what the new holder logged")
+	assert [(delivery.event, delivery.message) for delivery in running.deliveries] == [("before", {}), *(("after", {"n": n}) for n in range(3)), ("fence", {})]
+	assert client.xlen(log.log_key("site1.local")) == 5  # the paused process logged nothing more
+
+
 def test_bridge_reconnects_after_redis_restarts(start_bridge, own_redis, monkeypatch, caplog):
 	attempts: list[str] = []
 	original = redis.Redis.from_url
