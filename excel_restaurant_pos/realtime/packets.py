@@ -7,14 +7,17 @@ that Engine.IO logged as an error with its traceback, for every such packet, whi
 connection stayed open. The reference server (socket.io-parser v4) closes the connection
 instead ("parse error"). :class:`ClientPacket` refuses such a packet as
 :class:`MalformedPacket`; the server then closes the connection with one line in the log
-(:func:`report`).
+(:func:`report`). A long-poll's POST whose body is not even an Engine.IO payload is found
+out before Engine.IO decodes it (:func:`polling_body_error`), and closes its session too.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
+from engineio import payload
 from socketio import packet
 
 from excel_restaurant_pos.realtime import metrics
@@ -89,6 +92,28 @@ def from_client(exc: ValueError) -> bool:
 	while frame is not None and frame.tb_next is not None:
 		frame = frame.tb_next
 	return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("socketio.")
+
+
+def polling_body_error(environ: dict, max_bytes: int) -> Exception | None:
+	"""Why a long-polling POST's body is not an Engine.IO payload, or ``None`` when it is.
+
+	Engine.IO decodes that body inside its socket class, where an error is logged with its
+	traceback and the session stays; read and decoded here first, a malformed body is
+	handled as a malformed packet is. The body is put back for Engine.IO. One longer than
+	``max_bytes`` is left to Engine.IO, which refuses it unread."""
+	try:
+		length = int(environ.get("CONTENT_LENGTH") or 0)
+	except ValueError:
+		return None
+	if length > max_bytes:
+		return None
+	body = environ["wsgi.input"].read(length)
+	environ["wsgi.input"] = io.BytesIO(body)
+	try:
+		payload.Payload(encoded_payload=body.decode("utf-8"))
+	except (ValueError, KeyError) as exc:  # KeyError: a JSONP body ("d=…") without its d
+		return exc
+	return None
 
 
 def report(eio_sid: str, exc: Exception) -> None:

@@ -15,6 +15,7 @@ clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import signal
 import socket
 import time
 import types
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -473,7 +475,27 @@ class RealtimeServer:
 			return _respond(start_response, 503, b"shutting down", "text/plain")
 		if not self.config.websocket_compression:
 			environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
-		return self.sio_app(environ, start_response)
+		malformed = self._malformed_polling_post(environ) if environ.get("REQUEST_METHOD") == "POST" else None
+		answer = self.sio_app(environ, start_response)
+		if malformed is not None:  # once answered: Engine.IO fails on a closed session's POST
+			malformed.close(wait=False, abort=False)
+		return answer
+
+	def _malformed_polling_post(self, environ: dict) -> Any | None:
+		"""The Engine.IO socket of a long-poll's POST whose body is not an Engine.IO payload,
+		to be closed as for a malformed packet (and as the reference server closes it),
+		instead of an error with a traceback in the log and the session kept. Engine.IO gets
+		an empty body, and answers the POST as it answers any."""
+		sid = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("sid", [""])[0]
+		eio_socket = self.sio.eio.sockets.get(sid)
+		if eio_socket is None or eio_socket.upgraded or eio_socket.closed:
+			return None  # Engine.IO refuses it without reading the body
+		exc = packets.polling_body_error(environ, self.sio.eio.max_http_buffer_size)
+		if exc is None:
+			return None
+		packets.report(sid, exc)
+		environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(), "0"
+		return eio_socket
 
 	# -- lifecycle ------------------------------------------------------------------------
 
