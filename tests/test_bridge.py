@@ -331,7 +331,8 @@ def append_announced(client: redis.Redis, events: list[str], site: str = "site1.
 @pytest.mark.parametrize("leading", [True, False], ids=["leading", "following"])
 def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge, redis_server, redis_url, leading):
 	"""The server holds its writes while a batch is open, so one opens around what one read
-	returned, and none stays open while the bridge waits on Redis for the next."""
+	returned, and none stays open while the bridge waits on Redis for the next. A read of a
+	single entry opens none: there is nothing to write together."""
 	client = redis_server.client()
 	if not leading:
 		occupy_lease(client, redis_url)
@@ -363,6 +364,10 @@ def test_what_one_read_of_the_log_returns_is_delivered_in_one_batch(start_bridge
 		wait_for(reader_waits, 10, message="the reader waiting on Redis again")
 	assert seen == ["open", "first", "second", "third", "close"]
 	assert not batch_open.is_set()
+
+	append_announced(client, ["alone"])
+	wait_for(lambda: "alone" in seen, 10, message="the single entry delivered")
+	assert seen[5:] == ["alone"]
 	assert running.bridge.leading == leading
 
 

@@ -213,8 +213,10 @@ class Bridge:
 		logger.warning("skipped message on %r: %s: %.200r", channel, exc, raw)
 
 	def deliver_read(self, read: list) -> None:
-		"""Deliver what one read of the logs returned (``XREAD``'s answer) in one batch,
-		past what the other reader delivered already."""
+		"""Deliver what one read of the logs returned (``XREAD``'s answer), past what the
+		other reader delivered already: in one batch when it holds several entries, so each
+		client's frames go out together. A single entry has nothing to write together, and
+		holding its writes to write them later would only add work for every client."""
 		if any(len(entries) >= log.BATCH for _, entries in read):
 			self._wake.set()  # more may wait: a leading log reader reads on
 		with self._delivering:
@@ -225,11 +227,12 @@ class Bridge:
 				entries = [entry for entry in entries if log.offset_key(log.text(entry[0])) > position]
 				if entries:
 					fresh.append((site, entries))
-			if not fresh:
-				return
-			with self.batch():  # opened only once the read is back: it holds writes
-				for site, entries in fresh:
-					self.handle_entries(site, entries)
+			if len(fresh) == 1 and len(fresh[0][1]) == 1:
+				self.handle_entries(*fresh[0])
+			elif fresh:
+				with self.batch():  # opened only once the read is back: it holds writes
+					for site, entries in fresh:
+						self.handle_entries(site, entries)
 
 	def handle_entries(self, site: str, entries: list) -> None:
 		"""Deliver log entries in order; a malformed one is logged, counted and passed over."""
