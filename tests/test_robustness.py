@@ -433,11 +433,13 @@ def test_packets_with_binary_attachments_still_arrive(realtime):
 		pytest.param("d=", id="a JSONP body without its data"),
 	],
 )
-def test_a_malformed_packet_over_long_polling_is_answered_at_once_and_ends_the_poll(realtime, body):
+def test_a_malformed_packet_over_long_polling_is_answered_at_once_and_ends_the_poll(realtime, js, publish, body):
 	"""The POST that carries it is answered at once, not held until the client polls again;
 	the poll under way gets Engine.IO's close; the session is gone; one line in the log says
-	why, without a traceback (Engine.IO's own decode of a POST logs one)."""
+	why, without a traceback (Engine.IO's own decode of a POST logs one). A websocket client
+	beside it keeps its connection and its events."""
 	server = realtime()
+	js.connect("kitchen", server.url + NS, token=token("chef@example.com"))
 	base = f"{server.url}/socket.io/?EIO=4&transport=polling"
 	sid = json.loads(requests.get(base, timeout=10).text[1:])["sid"]
 	session = f"{base}&sid={sid}"
@@ -451,6 +453,9 @@ def test_a_malformed_packet_over_long_polling_is_answered_at_once_and_ends_the_p
 		answer = poll.result()
 		assert (answer.status_code, answer.text) == (200, "1") or answer.status_code == 400, (answer.status_code, answer.text)
 	assert requests.get(session, timeout=10).status_code == 400
+	wait_for(lambda: server.health()[1]["clients"] == 1, message="the long-polling session to be gone")
+	publish.publish_event("order:new", {"order": "T1"})
+	assert js.wait_event("kitchen", "order:new")[0]["order"] == "T1"
 	assert server.metric("excel_pos_realtime_client_events_total", result="malformed") == 1
 	assert [line for line in server.log().splitlines() if f"closed eio_sid={sid}: malformed packet" in line]
 	assert_no_traceback(server.log())
