@@ -203,6 +203,27 @@ def test_order_update_reaches_others_in_the_room(realtime, js):
 	assert seen(js, "waiter", "order:updated") == []
 
 
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+def test_a_clients_events_are_handled_in_the_order_it_sent_them(realtime, js, transport):
+	"""A waiter who joins the kitchen and at once sends an order through its statuses,
+	without waiting for an answer, is handled as sent: the join before the first update,
+	and the cook sees every status in order (a green thread per event let an update that
+	waited on Redis be overtaken by the next). Over long-polling the client sends all 51 in
+	one POST, past python-engineio's own limit of 16 packets a body."""
+	server = realtime()
+	url = server.url + "/excel_restaurant_pos/default"
+	js.connect("cook", url, token=token("cook@example.com"))
+	js.emit("cook", "room:join", "kitchen")
+	js.connect("waiter", url, token=token("waiter@example.com"), transport=transport)
+	js.emit_no_ack("waiter", "room:join", "kitchen")
+	statuses = [f"step {n}" for n in range(50)]
+	for status in statuses:
+		js.emit_no_ack("waiter", "order:update", {"room": "kitchen", "order_id": "ORD-1", "status": status})
+	js.wait_event("cook", "order:updated", where=lambda args: args[0]["status"] == statuses[-1])
+	assert [args[0]["status"] for args in js.received("cook", "order:updated")] == statuses
+	assert js.received("waiter", "order:error") == []
+
+
 def test_auth_refresh_on_a_live_connection(realtime, js):
 	server = realtime()
 	js.connect("c", server.url + "/excel_restaurant_pos/default", token=token("waiter@example.com", ttl=600))

@@ -15,6 +15,7 @@ from harness import Nginx, TcpProxy, free_port, wait_for
 from test_connect import token
 from test_publish import Listener
 from test_recovery import RECONNECT, connect, wait_connects, wait_disconnects
+from test_robustness import starve
 
 APP_NS = "/excel_restaurant_pos/default"
 FRAPPE_NS = "/default"
@@ -103,6 +104,50 @@ def test_order_updates_cross_processes_and_namespaces(realtime, js, redis_url):
 		assert (update["order_id"], update["status"], update["updated_by"]) == ("ORD-1", "ready", "waiter@example.com")
 	assert js.received("waiter", "order:updated") == []
 	assert announcements.next() == ("excel_restaurant_pos_events", {"event": "order:updated", "room": "kitchen", "logged": True})
+
+
+def test_on_a_starved_machine_every_source_arrives_once_in_the_logs_order(realtime, js, publish, redis_url):
+	"""Two processes share one core with two busy loops while Frappe's channel, the publish
+	helpers and a waiter's order updates arrive together. Whichever process logs Frappe's
+	messages delivers from its own call and the other reads the log: every client still
+	gets every event once, and all of them in the same order, the log's."""
+	first, second = realtime(), realtime()
+	listeners = {"first-app": first.url + APP_NS, "second-app": second.url + APP_NS, "second-desk": second.url + FRAPPE_NS}
+	for name, url in {**listeners, "waiter": first.url + APP_NS}.items():
+		assert js.connect(name, url, token=token(f"{name}@example.com"))["type"] == "connect"
+		assert js.emit(name, "room:join", "kitchen")[0]["ok"]
+	raw = redis.Redis.from_url(redis_url)
+	wait_for(lambda: all(count == 2 for _, count in raw.pubsub_numsub("events", "excel_restaurant_pos_events")), 10, message="two subscribers")
+	wait_for(lambda: raw.keys("excel_restaurant_pos:ingester:*"), 10, message="a lease holder")
+
+	busy = [starve(first.process.pid), starve(second.process.pid)]
+	try:
+		for n in range(100):
+			publish.publish_to_room("kitchen", "helper", {"n": n})
+			frappe_event(redis_url, "frappe", {"n": n}, "kitchen")
+			if n % 5 == 0:
+				js.emit_no_ack("waiter", "order:update", {"room": "kitchen", "order_id": f"ORD-{n}", "status": "ready"})
+		wait_for(lambda: len(js.received("second-desk", "order:updated")) == 20, 120, message="every order update")
+		publish.publish_event("fence", {}, site="default")
+		frappe_event(redis_url, "fence", {})
+		wait_for(lambda: all(len(js.received(c, "fence")) == (1 if c.endswith("desk") else 2) for c in listeners), 120, message="every fence")
+	finally:
+		for loop in busy:
+			loop.kill()
+			loop.wait(10)
+
+	def seen(client: str, events: tuple[str, ...]) -> list:
+		return [(item["event"], json.dumps(item["args"][0])) for item in js.events if item.get("id") == client and item.get("type") == "event" and item["event"] in events]
+
+	for client in listeners:
+		assert numbers(js, client, "frappe") == list(range(100)), client
+		assert [args[0]["order_id"] for args in js.received(client, "order:updated")] == [f"ORD-{n}" for n in range(0, 100, 5)], client
+	for client in ("first-app", "second-app"):
+		assert numbers(js, client, "helper") == list(range(100)), client
+	assert seen("first-app", ("helper", "frappe", "order:updated")) == seen("second-app", ("helper", "frappe", "order:updated"))
+	assert seen("second-desk", ("frappe", "order:updated")) == seen("first-app", ("frappe", "order:updated"))
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+	assert raw.xlen(LOG) == 100 + 100 + 20 + 2
 
 
 def test_when_the_process_logging_frappe_events_dies_another_takes_over(realtime, js, redis_url):

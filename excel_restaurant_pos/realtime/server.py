@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import socketio
+from engineio import payload
 from socketio import packet
 
 from excel_restaurant_pos.auth import token_fingerprint
@@ -118,7 +119,16 @@ class RealtimeServer:
 			max_http_buffer_size=config.max_payload,
 			ping_interval=config.ping_interval,
 			ping_timeout=config.ping_timeout,
+			# A client's events are handled one after another, in the order it sent them, as
+			# Node's server does: with a green thread each, two status updates for one order
+			# could reach the room the wrong way round whenever the first waited on Redis.
+			async_handlers=False,
 		)
+		# The official client sends everything it queued during a long-poll in one POST
+		# (dozens of emits after a Wi-Fi drop); python-engineio refuses a body of more than
+		# 16 packets. The body's size bounds it instead, as it bounds Node's server and a
+		# websocket, where every packet is a frame of its own: a packet takes two bytes at least.
+		payload.Payload.max_decode_packets = max(payload.Payload.max_decode_packets, config.max_payload // 2)
 		self.unsent = transport.UnsentData(config.max_unsent_bytes, self._on_over_budget)
 		self.budget_cut_pending = False
 		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
