@@ -8,8 +8,12 @@ import threading
 
 import pytest
 import redis
+import socketio
 from conftest import SECRET
+from harness import wait_for
 from test_connect import token
+
+from excel_restaurant_pos.realtime.server import SocketServer
 
 SITES = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local", "FRAPPE_SITE": "site1.local"}
 
@@ -222,6 +226,30 @@ def test_a_clients_events_are_handled_in_the_order_it_sent_them(realtime, js, tr
 	js.wait_event("cook", "order:updated", where=lambda args: args[0]["status"] == statuses[-1])
 	assert [args[0]["status"] for args in js.received("cook", "order:updated")] == statuses
 	assert js.received("waiter", "order:error") == []
+
+
+def test_a_failing_handler_leaves_the_clients_next_events_handled_in_order(monkeypatch):
+	"""The green thread that handles a client's events goes on past one whose handler
+	raises, and what arrived while one waited is handled after it, in order."""
+	handled: list[str] = []
+	gate = threading.Event()
+
+	def handle(server, eio_sid, namespace, id, data):
+		handled.append(data[0])
+		if data[0] == "slow":
+			gate.wait(10)
+		if data[0] == "boom":
+			raise RuntimeError("a handler's bug")
+
+	monkeypatch.setattr(socketio.Server, "_handle_event", handle)
+	server = SocketServer(async_mode="threading")
+	for name in ("slow", "boom", "after"):
+		server._handle_event("eio-1", "/", None, [name])
+	wait_for(lambda: handled == ["slow"], 5, message="the first event under way")
+	assert list(server.waiting_events["eio-1"]) == [("/", None, ["boom"]), ("/", None, ["after"])]
+	gate.set()
+	wait_for(lambda: not server.waiting_events, 5, message="every event handled")
+	assert handled == ["slow", "boom", "after"]
 
 
 def test_auth_refresh_on_a_live_connection(realtime, js):

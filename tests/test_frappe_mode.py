@@ -144,3 +144,23 @@ def test_a_client_that_leaves_while_frappe_checks_its_token_leaves_nothing_behin
 	assert js.connect("back", url, token=token())["type"] == "connect"
 	assert server.metric("excel_pos_realtime_connections", site="site1.local") == 1
 	assert not [item for item in js.events if item.get("id") == "lost" and item["type"] == "connect"]
+
+
+def test_a_client_waiting_on_frappe_is_still_read_and_its_events_keep_their_order(realtime, frappe_standin, js):
+	"""Frappe takes 3 s over a client's doctype_subscribe, while the server pings every
+	second and gives a second for the answer: the client's next event waits its turn, but
+	its connection is still read, so the pongs it sends meanwhile keep it connected."""
+	frappe_standin.newest = True
+	frappe_standin.permissions = {("waiter@example.com", "Kitchen Ticket", None)}
+	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, frappe_timeout=5, ping_interval=1, ping_timeout=1, env=SITES)
+	js.connect("desk", server.url + "/site1.local", token=token("waiter@example.com"))
+	frappe_standin.delay = 3
+	first = js.send(cmd="emit", id="desk", event="doctype_subscribe", args=["Kitchen Ticket"], ack=True)
+	second = js.send(cmd="emit", id="desk", event="room:join", args=["kitchen"], ack=True)
+	js.wait(lambda item: item.get("type") == "ack" and item.get("seq") == second, 10, "the second answer")
+	acks = [item for item in js.events if item.get("type") == "ack" and item.get("seq") in (first, second)]
+	assert [(ack["seq"], ack["args"]) for ack in acks] == [
+		(first, [{"ok": True, "room": "doctype:Kitchen Ticket"}]),
+		(second, [{"ok": True, "room": "kitchen"}]),
+	]
+	assert [item for item in js.events if item.get("type") == "disconnect"] == []

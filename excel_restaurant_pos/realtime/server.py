@@ -57,11 +57,41 @@ class SocketServer(socketio.Server):
 	connection closed, as the reference server closes it, when its client sends a malformed
 	packet. Without the private methods these override (a python-socketio release that
 	renamed them), the reply simply has no ``pid`` (clients then start a new session at
-	every reconnect), and a malformed packet is logged with its traceback and dropped, as
-	python-socketio does; nothing else changes."""
+	every reconnect), a malformed packet is logged with its traceback and dropped, as
+	python-socketio does, and a client's events are handled in order by the green thread
+	that reads it, which then reads nothing else until each is done; nothing else changes."""
 
 	#: The recovering sockets' sessions by sid; the server sets its own (empty and read-only until then).
 	sessions: Mapping[str, Any] = types.MappingProxyType({})
+
+	def __init__(self, **kwargs: Any):
+		super().__init__(**kwargs)
+		#: eio_sid → the events of that client waiting for the green thread handling its events.
+		self.waiting_events: dict[str, collections.deque] = {}
+
+	def _handle_event(self, eio_sid: str, *event: Any) -> None:
+		"""Queue a client's event behind those it sent before, for one green thread per busy
+		client to handle in order. Handled by the green thread that reads the client, an
+		event waiting on Frappe would leave the client's pongs unread, and the client would
+		be dropped for not answering; in a green thread each, as python-socketio runs them,
+		an event that waits on Redis is overtaken by the next."""
+		waiting = self.waiting_events.get(eio_sid)
+		if waiting is not None:
+			waiting.append(event)
+			return
+		self.waiting_events[eio_sid] = collections.deque([event])
+		self.start_background_task(self._handle_in_order, eio_sid)
+
+	def _handle_in_order(self, eio_sid: str) -> None:
+		waiting = self.waiting_events[eio_sid]
+		try:
+			while waiting:
+				try:
+					super()._handle_event(eio_sid, *waiting.popleft())
+				except Exception:  # the client's next events are still handled
+					logger.exception("event handler failed")
+		finally:
+			del self.waiting_events[eio_sid]
 
 	def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
 		"""Without this, each malformed packet is an error with a traceback in the log (and in
@@ -120,8 +150,9 @@ class RealtimeServer:
 			ping_interval=config.ping_interval,
 			ping_timeout=config.ping_timeout,
 			# A client's events are handled one after another, in the order it sent them, as
-			# Node's server does: with a green thread each, two status updates for one order
-			# could reach the room the wrong way round whenever the first waited on Redis.
+			# Node's server does (see SocketServer._handle_event): with a green thread each, two
+			# status updates for one order reached the room the wrong way round whenever the
+			# first waited on Redis.
 			async_handlers=False,
 		)
 		# The official client sends everything it queued during a long-poll in one POST
