@@ -13,7 +13,7 @@ from conftest import SECRET
 from harness import wait_for
 from test_connect import token
 
-from excel_restaurant_pos.realtime.server import SocketServer
+from excel_restaurant_pos.realtime.server import MAX_WAITING_EVENTS, SocketServer
 
 SITES = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local", "FRAPPE_SITE": "site1.local"}
 
@@ -228,9 +228,11 @@ def test_a_clients_events_are_handled_in_the_order_it_sent_them(realtime, js, tr
 	assert js.received("waiter", "order:error") == []
 
 
-def test_a_failing_handler_leaves_the_clients_next_events_handled_in_order(monkeypatch):
+def test_a_clients_events_wait_in_order_past_a_failing_handler_and_up_to_a_bound(monkeypatch):
 	"""The green thread that handles a client's events goes on past one whose handler
-	raises, and what arrived while one waited is handled after it, in order."""
+	raises, and handles what arrived meanwhile in order. While one handler waits, the
+	client's reader queues at most ``MAX_WAITING_EVENTS`` and then waits too, so a client
+	sending faster than its events are handled is read no further."""
 	handled: list[str] = []
 	gate = threading.Event()
 
@@ -243,13 +245,19 @@ def test_a_failing_handler_leaves_the_clients_next_events_handled_in_order(monke
 
 	monkeypatch.setattr(socketio.Server, "_handle_event", handle)
 	server = SocketServer(async_mode="threading")
-	for name in ("slow", "boom", "after"):
-		server._handle_event("eio-1", "/", None, [name])
+	sent = ["slow", "boom"] + [f"n{n}" for n in range(MAX_WAITING_EVENTS)]
+	server._handle_event("eio-1", "/", None, ["slow"])
 	wait_for(lambda: handled == ["slow"], 5, message="the first event under way")
-	assert list(server.waiting_events["eio-1"]) == [("/", None, ["boom"]), ("/", None, ["after"])]
+	reader = threading.Thread(target=lambda: [server._handle_event("eio-1", "/", None, [name]) for name in sent[1:]])
+	reader.start()
+	wait_for(lambda: server.waiting_events["eio-1"].room is not None, 5, message="the reader to wait")
+	assert [data[0] for _, _, data in server.waiting_events["eio-1"]] == sent[1:]  # MAX_WAITING_EVENTS + 1
+	reader.join(0.2)
+	assert reader.is_alive() and handled == ["slow"]
 	gate.set()
+	reader.join(5)
 	wait_for(lambda: not server.waiting_events, 5, message="every event handled")
-	assert handled == ["slow", "boom", "after"]
+	assert handled == sent
 
 
 def test_auth_refresh_on_a_live_connection(realtime, js):

@@ -26,7 +26,7 @@ import socket
 import time
 import types
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import socketio
@@ -51,6 +51,21 @@ SWEEP_INTERVAL = 1.0
 REDIS_CONNECTIONS = 128
 
 
+#: A client's events waiting to be handled, past which the server stops reading it.
+MAX_WAITING_EVENTS = 64
+
+
+class WaitingEvents(collections.deque):
+	"""One client's events waiting to be handled, oldest first, and the event its reader
+	waits on while there are too many (``None`` when it is not waiting)."""
+
+	__slots__ = ("room",)
+
+	def __init__(self, events: Iterable[tuple] = ()) -> None:
+		super().__init__(events)
+		self.room: Any = None
+
+
 class SocketServer(socketio.Server):
 	"""python-socketio's server with the recovery protocol's ``pid`` in the CONNECT reply
 	to a recovering socket, the existing sid as the answer to a repeated CONNECT, and a
@@ -67,31 +82,43 @@ class SocketServer(socketio.Server):
 	def __init__(self, **kwargs: Any):
 		super().__init__(**kwargs)
 		#: eio_sid → the events of that client waiting for the green thread handling its events.
-		self.waiting_events: dict[str, collections.deque] = {}
+		self.waiting_events: dict[str, WaitingEvents] = {}
 
 	def _handle_event(self, eio_sid: str, *event: Any) -> None:
 		"""Queue a client's event behind those it sent before, for one green thread per busy
 		client to handle in order. Handled by the green thread that reads the client, an
 		event waiting on Frappe would leave the client's pongs unread, and the client would
 		be dropped for not answering; in a green thread each, as python-socketio runs them,
-		an event that waits on Redis is overtaken by the next."""
+		an event that waits on Redis is overtaken by the next. A client with
+		:data:`MAX_WAITING_EVENTS` waiting is read no further until half of them are
+		handled: sending faster than its events are handled fills no memory. (No other green
+		thread runs between the look-up here and the append, nor between the handler's last
+		look at the queue and its removal, so no event is left in a queue no one handles.)"""
 		waiting = self.waiting_events.get(eio_sid)
-		if waiting is not None:
-			waiting.append(event)
+		if waiting is None:
+			waiting = self.waiting_events[eio_sid] = WaitingEvents([event])
+			self.start_background_task(self._handle_in_order, eio_sid, waiting)
 			return
-		self.waiting_events[eio_sid] = collections.deque([event])
-		self.start_background_task(self._handle_in_order, eio_sid)
+		waiting.append(event)
+		if len(waiting) > MAX_WAITING_EVENTS:
+			waiting.room = self.eio.create_event()
+			waiting.room.wait()
 
-	def _handle_in_order(self, eio_sid: str) -> None:
-		waiting = self.waiting_events[eio_sid]
+	def _handle_in_order(self, eio_sid: str, waiting: WaitingEvents) -> None:
 		try:
 			while waiting:
+				event = waiting.popleft()
+				if waiting.room is not None and len(waiting) <= MAX_WAITING_EVENTS // 2:
+					waiting.room.set()
+					waiting.room = None
 				try:
-					super()._handle_event(eio_sid, *waiting.popleft())
+					super()._handle_event(eio_sid, *event)
 				except Exception:  # the client's next events are still handled
 					logger.exception("event handler failed")
 		finally:
 			del self.waiting_events[eio_sid]
+			if waiting.room is not None:
+				waiting.room.set()
 
 	def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
 		"""Without this, each malformed packet is an error with a traceback in the log (and in
