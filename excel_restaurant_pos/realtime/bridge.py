@@ -227,12 +227,10 @@ class Bridge:
 				entries = [entry for entry in entries if log.offset_key(log.text(entry[0])) > position]
 				if entries:
 					fresh.append((site, entries))
-			if len(fresh) == 1 and len(fresh[0][1]) == 1:
-				self.handle_entries(*fresh[0])
-			elif fresh:
-				with self.batch():  # opened only once the read is back: it holds writes
-					for site, entries in fresh:
-						self.handle_entries(site, entries)
+			several = sum(len(entries) for _, entries in fresh) > 1
+			with self.batch() if several else contextlib.nullcontext():  # opened once the read is back: it holds writes
+				for site, entries in fresh:
+					self.handle_entries(site, entries)
 
 	def handle_entries(self, site: str, entries: list) -> None:
 		"""Deliver log entries in order; a malformed one is logged, counted and passed over."""
