@@ -8,7 +8,8 @@ clients. :func:`serve` runs it until SIGTERM or SIGINT, then drains:
 2. the Redis bridge stops;
 3. each client's transport is closed with an Engine.IO ``close`` packet, which the standard
    clients report as ``transport close`` and answer by reconnecting (a Socket.IO-level
-   disconnect would switch their reconnection off);
+   disconnect would switch their reconnection off); a long-polling client with packets
+   still waiting gets them without it and reconnects when its next poll is refused;
 4. the process exits 0 within ``shutdown_grace`` seconds.
 """
 
@@ -588,7 +589,7 @@ class RealtimeServer:
 		logger.info("shutting down: closing %d client transports", len(sockets))
 		for eio_socket in sockets:
 			try:
-				eio_socket.close(wait=False, abort=False)
+				eio_socket.close(wait=False, abort=_answers_its_poll_with_events(eio_socket))
 			except Exception:  # a socket that is already broken needs no goodbye
 				pass
 		# A closed socket's queue keeps only Engine.IO's end-of-queue sentinel once the
@@ -607,6 +608,17 @@ class RealtimeServer:
 				logger.info("shutting down: %d clients did not take their close packet", unsent)
 				break
 			self.sio.sleep(0.05)
+
+
+def _answers_its_poll_with_events(eio_socket: Any) -> bool:
+	"""Whether a socket's next long-poll answer would hold packets before a close packet.
+	socket.io-client hands the events of an answer to the application only after the whole
+	answer is read, and events read together with a close packet are kept back until its
+	next connection, whose CONNECT names the offset before them: the replay of a recovering
+	session then sends them again. Such a socket is closed without the close packet, so the
+	poll answers its events alone, and the client's next poll, refused while the process
+	stops, sends it to reconnect."""
+	return not eio_socket.upgraded and eio_socket.queue.qsize() > 0
 
 
 def _redis_client(url: str) -> Any:
