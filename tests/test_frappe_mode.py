@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import OTHER_SECRET
-from harness import wait_for
+from harness import TcpProxy, assert_no_traceback, wait_for
 from test_connect import token
 
 SITES = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local"}
@@ -164,3 +164,29 @@ def test_a_client_waiting_on_frappe_is_still_read_and_its_events_keep_their_orde
 		(second, [{"ok": True, "room": "kitchen"}]),
 	]
 	assert [item for item in js.events if item.get("type") == "disconnect"] == []
+
+
+def test_a_client_that_drops_while_frappe_answers_its_join_leaves_no_error_behind(realtime, frappe_standin, js):
+	"""A waiter's tablet loses its connection while Frappe takes 2 s over its doctype_subscribe,
+	with a room:join waiting behind it. Frappe's yes comes for a client that is gone: nothing
+	is joined for it, no error reaches the log or /health, and the waiting join goes with it."""
+	frappe_standin.newest = True
+	frappe_standin.permissions = {("waiter@example.com", "Kitchen Ticket", None)}
+	server = realtime(auth_mode="frappe", frappe_url=frappe_standin.url, frappe_timeout=5, env=SITES)
+	proxy = TcpProxy(server.port)
+	try:
+		js.connect("desk", proxy.url + "/site1.local", token=token("waiter@example.com"))
+		frappe_standin.delay = 2
+		js.send(cmd="emit", id="desk", event="doctype_subscribe", args=["Kitchen Ticket"], ack=True)
+		js.send(cmd="emit", id="desk", event="room:join", args=["kitchen"], ack=True)
+		wait_for(lambda: frappe_standin.calls("frappe.realtime.has_permission"), 5, message="the question to Frappe")
+		proxy.refusing = True
+		proxy.kill()
+		wait_for(lambda: server.health()[1]["clients"] == 0, 5, message="the dropped client gone")
+		wait_for(lambda: "doctype_subscribe" in server.log() or "'doctype:Kitchen Ticket'" in server.log(), 10, message="Frappe's answer handled")
+	finally:
+		proxy.close()
+	assert_no_traceback(server.log())
+	assert "join of 'doctype:Kitchen Ticket' dropped: site=site1.local user=waiter@example.com" in server.log()
+	assert server.health()[1]["errors"] == []
+

@@ -10,6 +10,7 @@ the registry to Socket.IO at start-up.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 	from excel_restaurant_pos.realtime.connect import Identity
 	from excel_restaurant_pos.realtime.server import RealtimeServer
 
+logger = logging.getLogger(__name__)
 Handler = Callable[..., Any]
 #: Every client event the server answers, by name: built-ins below, then the app's own.
 HANDLERS: dict[str, Handler] = {}
@@ -99,6 +101,11 @@ class Client:
 		skip = None if include_self else self.sid
 		self.server.publish(Delivery(self.site, "site", room, event, data, skip=skip))
 
+	@property
+	def gone(self) -> bool:
+		"""Whether this socket has disconnected: a handler that waited on Frappe may outlive it."""
+		return self.server.clients.get(self.sid) is not self
+
 	def in_room(self, room: str) -> bool:
 		return room in self.server.sio.rooms(self.sid, namespace=self.namespace)
 
@@ -125,6 +132,9 @@ class Client:
 			allowed, reason = self.server.frappe_api.can_join(identity.site, identity.token, decision.doctype, decision.docname)
 			if not allowed:
 				return reason
+			if self.gone:  # its rooms went with it; joining now would fail, or leave a viewer behind
+				logger.info("join of %r dropped: site=%s user=%s sid=%s left while Frappe answered", room, self.site, self.user, self.sid)
+				return "Disconnected"
 		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
 		self.joined.add(room)
 		self.server.recovery.rooms_changed(self.sid)
