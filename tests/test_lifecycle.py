@@ -160,7 +160,8 @@ def test_a_long_poll_gets_the_events_waiting_for_it_without_a_close_packet_behin
 	long-poll with nothing waiting gets the close packet."""
 	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path))
 	waiting, idle = EngineIOSocket(server.sio.eio, "waiting"), EngineIOSocket(server.sio.eio, "idle")
-	server.sio.eio.sockets.update(waiting=waiting, idle=idle)
+	for eio_socket in (waiting, idle):  # as Engine.IO registers them, through its socket table's own __setitem__
+		server.sio.eio.sockets[eio_socket.sid] = eio_socket
 	events = [f'2/excel_restaurant_pos/default,["seq",{{"n":{n}}},"1-{n}"]' for n in (1, 2)]
 	for event in events:
 		waiting.send(packet.Packet(packet.MESSAGE, event))

@@ -132,7 +132,7 @@ class Client:
 			allowed, reason = self.server.frappe_api.can_join(identity.site, identity.token, decision.doctype, decision.docname)
 			if not allowed:
 				return reason
-			if self.gone:  # its rooms went with it; joining now would fail, or leave a viewer behind
+			if self.gone:  # its rooms went with it: python-socketio has no room left to enter
 				logger.info("join of %r dropped: site=%s user=%s sid=%s left while Frappe answered", room, self.site, self.user, self.sid)
 				return "Disconnected"
 		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
