@@ -190,3 +190,42 @@ def test_a_client_that_drops_while_frappe_answers_its_join_leaves_no_error_behin
 	assert "join of 'doctype:Kitchen Ticket' dropped: site=site1.local user=waiter@example.com" in server.log()
 	assert server.health()[1]["errors"] == []
 
+
+
+def test_a_viewer_that_drops_while_its_session_is_stored_is_not_left_viewing(tmp_path, redis_url, frappe_standin, monkeypatch):
+	"""A recovering client's doc_open stores its session in Redis before it returns, and a
+	dropped transport's disconnect may run during that wait: it counts the client out of the
+	document's viewers, and nothing may count it in again after it, or everyone with the
+	document open would see the waiter there until the process stops. The disconnect is run
+	here where that wait is (an in-process server, real Redis and the Frappe stand-in), as no
+	test from outside can time it."""
+	from excel_restaurant_pos.realtime.config import load_config
+	from excel_restaurant_pos.realtime.connect import Identity
+	from excel_restaurant_pos.realtime.events import Client
+	from excel_restaurant_pos.realtime.server import RealtimeServer
+
+	frappe_standin.permissions = {(user, "POS Order", "ORD-1") for user in ("cook@example.com", "waiter@example.com")}
+	config = load_config({"auth_mode": "frappe", "frappe_url": frappe_standin.url}, env={**SITES, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path)
+	server = RealtimeServer(config)
+	server.presence.keep_alive()  # as the server's sweep does every second
+	namespace, room = "/excel_restaurant_pos/site1.local", "open_doc:POS Order/ORD-1"
+
+	def connect(user: str) -> Client:
+		sid = server.sio.manager.connect(f"eio-{user}", namespace)
+		server.user_connections[("site1.local", user)] += 1
+		server.clients[sid] = Client(server, sid, namespace, Identity("site1.local", user, "System User", (), None, token(user)))
+		return server.clients[sid]
+
+	cook, waiter = connect("cook@example.com"), connect("waiter@example.com")
+	assert cook.join(room) is None
+	store_session = server.recovery.rooms_changed
+
+	def drop_while_storing(sid: str) -> None:
+		store_session(sid)
+		if sid == waiter.sid and sid in server.clients:
+			server.on_disconnect(namespace, sid, "transport error")
+
+	monkeypatch.setattr(server.recovery, "rooms_changed", drop_while_storing)
+	assert waiter.join(room) is None
+	assert waiter.gone
+	assert server.presence.viewers("site1.local", room) == ["cook@example.com"]

@@ -137,8 +137,10 @@ class Client:
 				return "Disconnected"
 		self.server.sio.enter_room(self.sid, room, namespace=self.namespace)
 		self.joined.add(room)
-		self.server.recovery.rooms_changed(self.sid)
+		# Counted as a viewer before its session is stored, which waits on Redis: a client
+		# that drops meanwhile is counted out by its disconnect, not counted in after it.
 		self.viewing(room, True)
+		self.server.recovery.rooms_changed(self.sid)
 		return None
 
 	def leave(self, room: Any) -> str | None:
