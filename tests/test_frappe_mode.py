@@ -10,6 +10,11 @@ from conftest import OTHER_SECRET
 from harness import TcpProxy, assert_no_traceback, wait_for
 from test_connect import token
 
+from excel_restaurant_pos.realtime.config import load_config
+from excel_restaurant_pos.realtime.connect import Identity
+from excel_restaurant_pos.realtime.events import Client
+from excel_restaurant_pos.realtime.server import RealtimeServer
+
 SITES = {"EXCEL_RESTAURANT_POS_SITES": "site1.local,site2.local"}
 
 
@@ -191,7 +196,6 @@ def test_a_client_that_drops_while_frappe_answers_its_join_leaves_no_error_behin
 	assert server.health()[1]["errors"] == []
 
 
-
 def test_a_viewer_that_drops_while_its_session_is_stored_is_not_left_viewing(tmp_path, redis_url, frappe_standin, monkeypatch):
 	"""A recovering client's doc_open stores its session in Redis before it returns, and a
 	dropped transport's disconnect may run during that wait: it counts the client out of the
@@ -199,11 +203,6 @@ def test_a_viewer_that_drops_while_its_session_is_stored_is_not_left_viewing(tmp
 	document open would see the waiter there until the process stops. The disconnect is run
 	here where that wait is (an in-process server, real Redis and the Frappe stand-in), as no
 	test from outside can time it."""
-	from excel_restaurant_pos.realtime.config import load_config
-	from excel_restaurant_pos.realtime.connect import Identity
-	from excel_restaurant_pos.realtime.events import Client
-	from excel_restaurant_pos.realtime.server import RealtimeServer
-
 	frappe_standin.permissions = {(user, "POS Order", "ORD-1") for user in ("cook@example.com", "waiter@example.com")}
 	config = load_config({"auth_mode": "frappe", "frappe_url": frappe_standin.url}, env={**SITES, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path)
 	server = RealtimeServer(config)
