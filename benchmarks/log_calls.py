@@ -101,6 +101,11 @@ def measure(calls: int, rounds: int, url: str) -> dict[str, float]:
 		client.xtrim(key, maxlen=2, approximate=False)  # each read returns the one entry after the first
 		after = log.text(client.xrange(key, count=1)[0][0])
 		for name, step in steps.items():
+			# The lease lasts seconds and the server renews it twice a second; so does this,
+			# outside the timing, or a slow machine's rounds would outlast it.
+			ingester.check_lease()
+			if not ingester.holding:
+				raise RuntimeError("lost the ingest lease: another process holds it")
 			delivered = log.text(client.xrevrange(key, count=1)[0][0])
 			start = cpu_s()
 			for _ in range(calls):
