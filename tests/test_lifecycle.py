@@ -151,6 +151,15 @@ def test_sigterm_hands_clients_back_to_their_reconnect_logic(realtime, js, publi
 		assert js.wait_event(transport, "order:new") == [{"after": "restart"}]
 
 
+#: Two recovering clients' events (with their offsets) waiting for a long-poll.
+WAITING_EVENTS = [f'2/excel_restaurant_pos/default,["seq",{{"n":{n}}},"1-{n}"]' for n in (1, 2)]
+
+
+def in_process_server(tmp_path, redis_url: str) -> RealtimeServer:
+	"""A server built in this process, whose Engine.IO sockets a test registers by hand."""
+	return RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path))
+
+
 def test_a_long_poll_gets_the_events_waiting_for_it_without_a_close_packet_behind_them(tmp_path, redis_url):
 	"""socket.io-client keeps the events it reads together with a close packet until its next
 	connection, whose CONNECT names the offset before them: a recovering client then gets them
@@ -158,11 +167,11 @@ def test_a_long_poll_gets_the_events_waiting_for_it_without_a_close_packet_behin
 	once in about twenty runs). Stopping, the server answers a long-poll with the events
 	waiting for it alone, and the client's next poll, refused, sends it to reconnect; a
 	long-poll with nothing waiting gets the close packet."""
-	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path))
+	server = in_process_server(tmp_path, redis_url)
 	waiting, idle = EngineIOSocket(server.sio.eio, "waiting"), EngineIOSocket(server.sio.eio, "idle")
 	for eio_socket in (waiting, idle):  # as Engine.IO registers them, through its socket table's own __setitem__
 		server.sio.eio.sockets[eio_socket.sid] = eio_socket
-	events = [f'2/excel_restaurant_pos/default,["seq",{{"n":{n}}},"1-{n}"]' for n in (1, 2)]
+	events = WAITING_EVENTS
 	for event in events:
 		waiting.send(packet.Packet(packet.MESSAGE, event))
 
@@ -179,11 +188,11 @@ def test_a_late_pong_closes_a_long_poll_that_still_gets_the_events_waiting_for_i
 	behind them, or a recovering client would get them again in its replay (see the test
 	above). Engine.IO's close sends that packet through its own ping check, which refuses
 	it; this holds the capped Engine.IO to that, so a release that changes it is seen."""
-	server = RealtimeServer(load_config(env={"EXCEL_RESTAURANT_POS_JWT_SECRET": "x" * 32, "FRAPPE_REDIS_QUEUE": redis_url}, cwd=tmp_path))
+	server = in_process_server(tmp_path, redis_url)
 	late = EngineIOSocket(server.sio.eio, "late")
 	server.sio.eio.sockets[late.sid] = late
 	late.last_ping = time.time() - server.sio.eio.ping_timeout - 1  # pinged, and no pong since
-	events = [f'2/excel_restaurant_pos/default,["seq",{{"n":{n}}},"1-{n}"]' for n in (1, 2)]
+	events = WAITING_EVENTS
 	for event in events:
 		late.queue.put(packet.Packet(packet.MESSAGE, event))  # as the manager delivers
 
