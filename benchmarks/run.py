@@ -125,12 +125,13 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
 		"S5": Scenario("S5", "paced room events, long-polling", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling"),
 		"S5k": Scenario("S5k", "S5 with keep-alive HTTP connections, as browsers poll", n(500), 10, int(50 * (2 if quick else 10)), 50.0, transport="polling", keep_alive=True),
 		"S6": Scenario("S6", "idle websocket clients", n(10000), 100, concurrency=500, settle_s=3.0),
+		"S8": Scenario("S8", "S6's clients, 10 room events a second for 60 s", n(10000), 100, n(600), 10.0, concurrency=500, settle_s=3.0),
 		"S7": Scenario("S7", "room events at 1,000/s to rooms of 100, one product process", n(1000), 10, n(6000), 1000.0),
 		"S7x2": Scenario("S7x2", "S7 with two product processes on one Redis", n(1000), 10, n(6000), 1000.0, processes=2),
 	}
 
 
-ORDER_OF_SCENARIOS = ("S1", "S1b", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S5k", "S6", "S7", "S7x2")
+ORDER_OF_SCENARIOS = ("S1", "S1b", "S1z", "S1r", "S2", "S3f", "S3j", "S4", "S4r", "S5", "S5k", "S6", "S7", "S7x2", "S8")
 #: Scenarios of the product alone: the reference has no multi-process mode to compare.
 PRODUCT_ONLY = {"S7", "S7x2"}
 #: Product-only comparisons printed under the table: (base, variant, what the variant turns on).
@@ -495,6 +496,7 @@ SHOWN = {
 	"S6": {"connected", "failed connects", "connects/s", "RSS KiB/connection", "server CPU ms/connect"},
 	"S7": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "of which system µs/delivery", "latency p50 ms", "latency p99 ms"},
 	"S7x2": {"connected", "deliveries lost", "deliveries/s", "server CPU µs/delivery", "of which system µs/delivery", "latency p50 ms", "latency p99 ms"},
+	"S8": {"connected", "deliveries lost", "server CPU µs/delivery", "latency p50 ms", "latency p99 ms", "latency max ms"},
 }
 
 

@@ -70,13 +70,14 @@ def own_redis(tmp_path) -> RedisServer:
 
 @pytest.fixture
 def realtime(tmp_path, redis_url):
-	"""Start realtime servers: ``realtime(**flags)`` returns a running :class:`RealtimeProcess`."""
+	"""Start realtime servers: ``realtime(**flags)`` returns a running :class:`RealtimeProcess`
+	(``setup``: Python its process runs first)."""
 	started: list[RealtimeProcess] = []
 
-	def start(*, env: dict | None = None, wait_healthy: bool = True, **flags) -> RealtimeProcess:
+	def start(*, env: dict | None = None, wait_healthy: bool = True, setup: str = "", **flags) -> RealtimeProcess:
 		flags.setdefault("redis_queue", redis_url)
 		base_env = {"EXCEL_RESTAURANT_POS_JWT_SECRET": SECRET}
-		process = RealtimeProcess(tmp_path, flags, {**base_env, **(env or {})})
+		process = RealtimeProcess(tmp_path, flags, {**base_env, **(env or {})}, setup)
 		started.append(process)
 		process.start(wait_healthy=wait_healthy)
 		return process

@@ -131,8 +131,10 @@ class RedisServer:
 class RealtimeProcess:
 	"""``python -m excel_restaurant_pos.realtime`` as a subprocess on a free port."""
 
-	def __init__(self, folder: Path, flags: dict[str, Any], env: dict[str, str]):
+	def __init__(self, folder: Path, flags: dict[str, Any], env: dict[str, str], setup: str = ""):
 		self.folder = Path(folder)
+		#: Python the server's process runs before the server (a test shortening a constant).
+		self.setup = setup
 		self.port = int(flags.pop("port", 0)) or free_port()
 		self.flags = flags
 		self.env = env
@@ -144,7 +146,10 @@ class RealtimeProcess:
 		return f"http://127.0.0.1:{self.port}"
 
 	def command(self) -> list[str]:
-		args = [sys.executable, "-m", "excel_restaurant_pos.realtime", "--port", str(self.port), "--host", "127.0.0.1"]
+		run = ["-m", "excel_restaurant_pos.realtime"]
+		if self.setup:
+			run = ["-c", f"{self.setup}\nimport runpy\nrunpy.run_module('excel_restaurant_pos.realtime', run_name='__main__', alter_sys=True)"]
+		args = [sys.executable, *run, "--port", str(self.port), "--host", "127.0.0.1"]
 		for name, value in self.flags.items():
 			args += ["--" + name.replace("_", "-"), str(value)]
 		return args

@@ -389,12 +389,21 @@ def cycle() -> Node:
 	return node
 
 
-def test_the_collector_frees_young_cycles_each_tick_and_old_ones_when_a_full_collection_is_due():
+class Heap:
+	"""A clock and a heap size for a :class:`collector.Collector` the test moves by hand."""
+
+	def __init__(self) -> None:
+		self.now, self.size = 1000.0, 100_000
+		self.collector = collector.Collector(sleep=lambda seconds: None, clock=lambda: self.now, heap=lambda: self.size)
+
+
+def test_the_collector_frees_young_cycles_each_tick_and_old_ones_once_the_heap_has_grown():
 	"""A cycle dropped since the last tick is freed by the next one; a cycle whose objects
 	lived long enough to reach the oldest generation (a client's, when it leaves) waits for
-	the full collection, which comes no sooner than ``FULL_EVERY``."""
-	now = [1000.0]
-	ticks = collector.Collector(sleep=lambda seconds: None, clock=lambda: now[0])
+	a full collection, which a heap of the same size does not get (an idle server, one
+	whose clients come and go) and one grown by ``FULL_GROWTH`` does, ``FULL_EVERY`` after
+	the last at the soonest."""
+	heap = Heap()
 	gc.disable()  # nothing but the ticks collects during the test
 	try:
 		old = cycle()
@@ -404,25 +413,54 @@ def test_the_collector_frees_young_cycles_each_tick_and_old_ones_when_a_full_col
 		young_ref = weakref.ref(cycle())
 		assert young_ref() is not None
 
-		ticks.collect()
+		heap.collector.collect()
 		assert young_ref() is None
 		assert old_ref() is not None
 
-		now[0] += collector.FULL_EVERY
-		ticks.collect()
+		heap.now += 5 * collector.FULL_EVERY
+		heap.collector.collect()
+		assert old_ref() is not None  # the same heap: nothing is due
+
+		heap.size = int(100_000 * (1 + collector.FULL_GROWTH))
+		heap.collector.collect()
 		assert old_ref() is None
+		assert (heap.collector.base, heap.collector.last_full) == (heap.size, heap.now)
 	finally:
 		gc.enable()
+
+
+def test_a_full_collection_is_due_on_growth_from_the_heaps_smallest_size_and_at_least_every_full_max():
+	"""Clients that leave shrink the heap: growth is counted from there. A heap that never
+	grows still gets a full collection every ``FULL_MAX``."""
+	heap = Heap()
+	heap.now += collector.FULL_EVERY
+	heap.size = 60_000  # most clients left
+	heap.collector.collect()
+	heap.size = 74_000  # 23 % up from there
+	heap.collector.collect()
+	assert heap.collector.last_full == 1000.0
+	heap.size = 75_000
+	heap.collector.collect()
+	assert heap.collector.last_full == heap.now
+
+	full_at = heap.now
+	heap.now = full_at + collector.FULL_MAX - 1
+	heap.collector.collect()
+	assert heap.collector.last_full == full_at
+	heap.now = full_at + collector.FULL_MAX
+	heap.collector.collect()
+	assert heap.collector.last_full == heap.now
 
 
 def test_a_slow_full_collection_spaces_the_next_one_out():
 	"""Full collections take at most ``FULL_SHARE`` of the time: one that took half a
 	second (a heap of many clients) is followed by the next fifty seconds later, not ten."""
+	heap = Heap()
+	heap.size *= 2
 	times = iter([2000.0, 2000.5])
-	ticks = collector.Collector(sleep=lambda seconds: None, clock=lambda: 1990.0)
-	ticks.clock = lambda: next(times)
-	ticks.collect()
-	assert ticks.next_full == 2000.0 + 0.5 + 0.5 / collector.FULL_SHARE
+	heap.collector.clock = lambda: next(times)
+	heap.collector.collect()
+	assert heap.collector.next_full == 2000.0 + 0.5 + 0.5 / collector.FULL_SHARE
 
 
 def test_the_collector_takes_over_from_allocation_counts_and_collects_every_interval():

@@ -557,9 +557,10 @@ def test_clients_that_leave_are_freed_as_they_leave_not_by_the_cyclic_collector(
 	or its connection was reset under it (a lost network). In cycles, every client that left
 	waited for a full collection, ten seconds apart at the most often, and under reconnect
 	churn memory grew with them. Counted by the collector's own figures on ``/metrics``, over
-	full collections after the clients left. (The heartbeat holds a closed socket until its
+	full collections after the clients left, which a heap that does not grow gets every
+	``FULL_MAX``: here every ``FULL_EVERY``. (The heartbeat holds a closed socket until its
 	next ping was due: a short ping interval lets go of them sooner.)"""
-	server = realtime(ping_interval=1, ping_timeout=2)
+	server = realtime(ping_interval=1, ping_timeout=2, setup="from excel_restaurant_pos.realtime import collector\ncollector.FULL_MAX = collector.FULL_EVERY")
 	proxy = TcpProxy(server.port)
 
 	def collected() -> float:
