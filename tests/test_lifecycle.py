@@ -183,7 +183,7 @@ def test_a_long_poll_gets_the_events_waiting_for_it_without_a_close_packet_behin
 
 def test_a_late_pong_closes_a_long_poll_that_still_gets_the_events_waiting_for_it_alone(tmp_path, redis_url):
 	"""A long-polling client whose pong is later than the ping timeout is closed by
-	Engine.IO itself (its service task, or its check before a packet it sends). Events
+	Engine.IO's ping check (the heartbeat's pass, or Engine.IO before a packet it sends). Events
 	already waiting for the client's poll must then reach it alone, with no close packet
 	behind them, or a recovering client would get them again in its replay (see the test
 	above). Engine.IO's close sends that packet through its own ping check, which refuses

@@ -247,14 +247,16 @@ def test_detaching_needs_the_hubs_readiness_listeners_and_does_without_them():
 
 
 class FakeEngineIO:
-	"""The part of an Engine.IO server the heartbeat uses: its interval, events and tasks."""
+	"""The part of an Engine.IO server the heartbeat uses: its interval and timeout, its
+	sockets, events and tasks."""
 
-	def __init__(self, ping_interval: float):
+	def __init__(self, ping_interval: float, ping_timeout: float = 60.0):
 		import threading
 
-		self.ping_interval = ping_interval
+		self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
 		self.create_event = threading.Event
 		self.tasks: list = []
+		self.start_service_task = True  # Engine.IO's, until the heartbeat takes its work over
 
 	def start_background_task(self, target):
 		import threading
@@ -266,9 +268,16 @@ class FakeEngineIO:
 
 
 class FakeSocket:
-	def __init__(self, name: str):
+	def __init__(self, name: str, ping_timeout: float = 60.0):
 		self.name, self.sent, self.closing, self.closed = name, [], False, False
+		self.sid, self.ping_timeout = name, ping_timeout
 		self.last_ping = time.time()  # Engine.IO's state right after the handshake
+
+	def check_ping_timeout(self) -> bool:  # Engine.IO's, which closes a client whose pong is late
+		if self.last_ping and time.time() - self.last_ping > self.ping_timeout:
+			self.closed = True
+			return False
+		return True
 
 	def _send_ping(self):  # Engine.IO's per-client pinger, which the heartbeat replaces
 		raise AssertionError("Engine.IO's own ping task ran")
@@ -280,8 +289,9 @@ class FakeSocket:
 def test_one_heartbeat_pings_every_client_once_per_interval_in_order():
 	eio = FakeEngineIO(ping_interval=0.2)
 	heartbeat = transport.Heartbeat(eio)
-	sockets = transport.WatchedSockets(heartbeat)
-	a, b, closed, foreign = FakeSocket("a"), FakeSocket("b"), FakeSocket("closed"), types.SimpleNamespace(schedule_ping=lambda: None)
+	sockets = eio.sockets = transport.WatchedSockets(heartbeat)
+	a, b, closed = FakeSocket("a"), FakeSocket("b"), FakeSocket("closed")
+	foreign = types.SimpleNamespace(sid="foreign", schedule_ping=lambda: None, closing=False, closed=False, check_ping_timeout=lambda: True)
 	started = time.monotonic()
 	for sid, eio_socket in (("a", a), ("b", b), ("closed", closed), ("foreign", foreign)):
 		sockets[sid] = eio_socket
@@ -298,9 +308,42 @@ def test_one_heartbeat_pings_every_client_once_per_interval_in_order():
 	wait_for(lambda: len(a.sent) == 2, 5, message="a's second ping")
 	assert len(b.sent) == 1
 	assert len(eio.tasks) == 1, "one green thread for every client"
+	assert not eio.start_service_task, "Engine.IO's task checking the answers is not started"
 	heartbeat.stop()
 	eio.tasks[0].join(5)
 	assert not eio.tasks[0].is_alive()
+
+
+def test_the_heartbeat_closes_a_client_whose_pong_is_late_and_drops_closed_ones():
+	"""Engine.IO's check of the answers, made by the heartbeat in one pass a quarter of the
+	ping timeout: a client that stopped answering (a tablet whose Wi-Fi went, its TCP
+	connection still open) is closed at most that much after ``ping_timeout``, and a socket
+	that closed leaves the table, as Engine.IO's own task did it."""
+	eio = FakeEngineIO(ping_interval=0.2, ping_timeout=0.4)
+	heartbeat = transport.Heartbeat(eio)
+	sockets = eio.sockets = transport.WatchedSockets(heartbeat)
+	answering, silent, gone = (FakeSocket(name, ping_timeout=0.4) for name in ("answering", "silent", "gone"))
+	for eio_socket in (answering, silent, gone):
+		sockets[eio_socket.sid] = eio_socket
+		eio_socket.schedule_ping()
+	gone.closed = True
+	wait_for(lambda: "gone" not in sockets, 5, message="the closed socket dropped")
+	wait_for(lambda: silent.sent, 5, message="the first ping")
+	pinged = time.time()
+
+	def answer() -> bool:
+		if answering.last_ping:  # answered as soon as pinged
+			answering.schedule_ping()
+		return silent.closed
+
+	wait_for(answer, 5, message="the silent client closed", interval=0.01)
+	late_by = time.time() - pinged - 0.4
+	assert late_by <= 0.1 + 0.2, late_by  # a quarter of the timeout, and some scheduling
+	wait_for(lambda: "silent" not in sockets, 5, message="the silent client dropped")
+	assert not answering.closed and "answering" in sockets
+	assert len(answering.sent) >= 2
+	heartbeat.stop()
+	eio.tasks[0].join(5)
 
 
 # -- one send per client per batch ---------------------------------------------------------
