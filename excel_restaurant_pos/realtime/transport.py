@@ -41,11 +41,11 @@ no wait beyond that read's own delivery.
 What an idle connection costs: Engine.IO sleeps a green thread per client between two
 pings, waits a share of the ping timeout per client in the task that checks the answers,
 and runs a reader and a writer green thread for each websocket. :class:`Heartbeat` pings
-every client and checks the answers from one green thread. With direct writes the writer only waits, so
-:func:`serve_websocket` runs Engine.IO's websocket handler with its reader alone, and a queue
-starts a green thread to drain itself only while packets wait (a socket that is not taking
-them, or an upgrade under way). The reader goes too: once upgraded, the websocket leaves
-its HTTP request (see :mod:`~excel_restaurant_pos.realtime.detached`) and
+every client and checks the answers from one green thread. With direct writes the writer
+only waits, so :func:`serve_websocket` runs Engine.IO's websocket handler with its reader
+alone, and a queue starts a green thread to drain itself only while packets wait (a socket
+that is not taking them, or an upgrade under way). The reader goes too: once upgraded, the
+websocket leaves its HTTP request (see :mod:`~excel_restaurant_pos.realtime.detached`) and
 :class:`WebSocketReader` reads it only when the hub sees something arrive, so an idle
 websocket has no green thread at all.
 """
@@ -595,9 +595,9 @@ class WebSocketReader:
 		drainer, at the end mark), Engine.IO forgets the client, a detached socket closes.
 
 		Engine.IO drops a closed socket from its table when its websocket handler returns,
-		or else the heartbeat's check does, up to a quarter of ``ping_timeout`` later; a detached connection's
-		handler returned long ago, so it is dropped here, or every client that left would be
-		kept that much longer."""
+		or else the heartbeat's check does, up to a quarter of ``ping_timeout`` later; a
+		detached connection's handler returned long ago, so it is dropped here, or every
+		client that left would be kept that much longer."""
 		eio_socket, queue = self.eio_socket, self.eio_socket.queue
 		queue.put(None)
 		queue.drained()
@@ -672,7 +672,7 @@ class Heartbeat:
 
 	Engine.IO checks the answers in a task that passes over its clients one at a time,
 	waiting ``ping_timeout`` divided by their number between two: with 10,000 clients 500
-	timed waits a second, which were half of what an idle server spent. The same check
+	timed waits a second, two fifths of what an idle server spent. The same check
 	(``check_ping_timeout``, and dropping sockets that closed) is made here in one pass over
 	every client each :data:`CHECKS_PER_TIMEOUT`-th of the ping timeout, and Engine.IO's task
 	is not started: a client whose pong is late is closed at most that much later than
