@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import redis
@@ -277,6 +278,30 @@ def test_token_expiry_warns_then_disconnects(realtime, js):
 	assert warning["exp"] > 0
 	gone = js.wait(lambda item: item.get("id") == "c" and item["type"] == "disconnect", 10, "disconnect after exp")
 	assert gone["reason"] == "io server disconnect"
+
+
+def test_token_expiry_is_watched_from_a_refreshed_token_and_for_clients_connected_later(realtime, js):
+	"""The sweep looks at the clients only when a token is due. Once it has passed with every
+	token two hours away, a refresh to a token that expires sooner, and then a client
+	connecting with such a token, are each warned and cut off on time all the same, while
+	the long token stays."""
+	server = realtime(expiry_warning=5, expiry_grace=1)
+	ns = server.url + "/excel_restaurant_pos/default"
+	js.connect("long", ns, token=token("host@example.com", ttl=7200))
+	js.connect("refreshed", ns, token=token("waiter@example.com", ttl=7200))
+	time.sleep(1.5)  # a sweep (once a second) passes with both tokens two hours away
+
+	def warned_then_cut_off(client: str) -> None:
+		assert js.wait_event(client, "auth:expired", timeout=5)[0]["exp"] > 0
+		gone = js.wait(lambda item: item.get("id") == client and item["type"] == "disconnect", 10, f"{client} cut off after exp")
+		assert gone["reason"] == "io server disconnect"
+
+	assert js.emit("refreshed", "auth:refresh", {"token": token("waiter@example.com", ttl=3)})[0]["ok"] is True
+	warned_then_cut_off("refreshed")  # the sweep that cut it off passed with the long token alone
+	js.connect("late", ns, token=token("cook@example.com", ttl=3))
+	warned_then_cut_off("late")
+	assert js.received("long", "auth:expired") == []
+	assert [item for item in js.events if item.get("id") == "long" and item["type"] == "disconnect"] == []
 
 
 def test_secret_is_not_shared_between_sites(realtime, js, tmp_path):

@@ -256,4 +256,5 @@ def auth_refresh(client: Client, *args: Any) -> dict[str, Any]:
 	if identity.user != client.user:
 		return {"ok": False, "error": "Token belongs to another user"}
 	client.identity = identity
+	client.server.expires(identity.exp)
 	return {"ok": True, "exp": identity.exp}

@@ -19,6 +19,7 @@ import collections
 import io
 import json
 import logging
+import math
 import os
 import resource
 import secrets
@@ -192,6 +193,8 @@ class RealtimeServer:
 		self.budget_cut_pending = False
 		#: When the sweep last found the process blocked (see :meth:`sweep_slow_clients`).
 		self.loop_blocked_until = 0.0
+		#: When a token may next need a warning or a cut (see :meth:`sweep_expiry`).
+		self.next_expiry = 0.0
 		#: Direct writes held while the log reader delivers one read's events (one send per client).
 		self.writes = transport.WriteBatch()
 		self.sio.eio._async = transport.engineio_overrides(self.sio.eio._async, self.unsent, self.backend, self.writes)
@@ -249,6 +252,7 @@ class RealtimeServer:
 			session, restored = self.recovery.restore(sid, identity.user, auth)
 		client = events.Client(self, sid, namespace, identity)
 		self.clients[sid] = client
+		self.expires(identity.exp)
 		self.user_connections[key] += 1
 		auto_rooms = rooms.auto_rooms(identity.user, identity.user_type)
 		if session is not None:
@@ -438,10 +442,11 @@ class RealtimeServer:
 		Time the process itself could not run its writers (a burst read from Redis in one go,
 		a starved machine) says nothing about the clients, so no clock runs from before
 		``loop_blocked_until``: a client then has ``slow_client_seconds`` again to take
-		something."""
-		sockets = self._sockets_by_queue()
+		something. Nothing waiting (idle websockets) costs no look at every client."""
+		queues = list(self.unsent.queues)
+		sockets = self._sockets_by_queue() if queues else {}
 		now = time.monotonic()
-		for queue in list(self.unsent.queues):
+		for queue in queues:
 			eio_socket = sockets.get(queue)
 			if eio_socket is not None and not eio_socket.upgraded and not eio_socket.closed:
 				# A long-poll takes everything waiting at once, and writing that response
@@ -490,20 +495,39 @@ class RealtimeServer:
 
 	# -- token expiry ---------------------------------------------------------------------
 
+	def expires(self, exp: float | None) -> None:
+		"""A client's token expires at ``exp`` (it connected, or refreshed its token)."""
+		if exp is not None:
+			self.next_expiry = min(self.next_expiry, exp - self.config.expiry_warning)
+
 	def sweep_expiry(self, now: float | None = None) -> None:
-		"""Warn sockets whose token is about to expire; cut off those past ``exp`` + grace."""
+		"""Warn sockets whose token is about to expire; cut off those past ``exp`` + grace.
+
+		Only once something is due: each pass notes when the next warning or cut is, and
+		:meth:`expires` brings that forward, so a server whose tokens are hours from expiry
+		does not look at every client every second."""
 		now = time.time() if now is None else now
+		if now < self.next_expiry:
+			return
 		warning, grace = self.config.expiry_warning, self.config.expiry_grace
-		for client in list(self.clients.values()):
-			exp = client.identity.exp
-			if exp is None:
-				continue
-			if now >= exp + grace:
-				logger.info("token expired site=%s user=%s sid=%s", client.site, client.user, client.sid)
-				self.sio.disconnect(client.sid, namespace=client.namespace)
-			elif now >= exp - warning and client.warned_exp != exp:
-				client.warned_exp = exp
-				client.emit("auth:expired", {"exp": int(exp)})
+		self.next_expiry, due = math.inf, math.inf  # what connects meanwhile brings it forward
+		try:
+			for client in list(self.clients.values()):
+				exp = client.identity.exp
+				if exp is None:
+					continue
+				if now >= exp + grace:
+					logger.info("token expired site=%s user=%s sid=%s", client.site, client.user, client.sid)
+					self.sio.disconnect(client.sid, namespace=client.namespace)
+					continue
+				if now >= exp - warning and client.warned_exp != exp:
+					client.warned_exp = exp
+					client.emit("auth:expired", {"exp": int(exp)})
+				due = min(due, exp + grace if client.warned_exp == exp else exp - warning)
+		except BaseException:
+			self.next_expiry = 0.0  # the clients not looked at: at the next sweep
+			raise
+		self.next_expiry = min(self.next_expiry, due)
 
 	def _sweep_forever(self) -> None:
 		while not self.stop_requested:
