@@ -603,8 +603,7 @@ class WebSocketReader:
 		queue.drained()
 		queue.self_draining = False
 		eio_socket.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
-		if self.server.sockets.get(eio_socket.sid) is eio_socket:
-			del self.server.sockets[eio_socket.sid]
+		forget_socket(self.server, eio_socket)
 		if self.connection is not None:
 			queue.websocket = None
 			self.connection.close()
@@ -658,6 +657,12 @@ def finish_frame(websocket: Any, rest: memoryview) -> None:
 		websocket._sendlock.release()
 
 
+
+
+def forget_socket(eio_server: Any, eio_socket: Any) -> None:
+	"""Drop a closed socket from Engine.IO's table, unless its sid has been taken again."""
+	if eio_server.sockets.get(eio_socket.sid) is eio_socket:
+		del eio_server.sockets[eio_socket.sid]
 
 
 class Heartbeat:
@@ -740,12 +745,10 @@ class Heartbeat:
 	def check(self) -> None:
 		"""Engine.IO's check of every client, in one pass: a socket that closed leaves the
 		table, one whose pong is later than ``ping_timeout`` is closed."""
-		sockets = self.server.sockets
-		for eio_socket in list(sockets.values()):
+		for eio_socket in list(self.server.sockets.values()):
 			try:
 				if eio_socket.closed:
-					if sockets.get(eio_socket.sid) is eio_socket:
-						del sockets[eio_socket.sid]
+					forget_socket(self.server, eio_socket)
 				elif not eio_socket.closing:
 					eio_socket.check_ping_timeout()
 			except Exception:  # one client's failure is not the others'
