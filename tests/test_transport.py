@@ -131,6 +131,27 @@ def test_a_websocket_writer_takes_one_packet_per_poll():
 	assert queue.unsent_packets == 1
 
 
+def test_a_long_poll_waits_for_its_packet_with_no_timer_of_its_own():
+	"""Engine.IO gives a poll's wait a timeout; the heartbeat ends every wait before it (a
+	ping, or the end mark once the client is closed), so the wait puts no timer in the hub."""
+	import eventlet.hubs
+
+	unsent, [queue] = client_queues(1)
+	hub = eventlet.hubs.get_hub()
+	timeout = 45.125  # as Engine.IO's poll asks: a ping interval and a ping timeout
+
+	def timers() -> list:
+		return [timer for _, timer in hub.timers + hub.next_timers if timer.seconds == timeout and not timer.called]
+
+	poll = eventlet.spawn(queue.get, timeout=timeout)
+	eventlet.sleep(0)  # the poll starts, and waits
+	assert queue.waiting == 1
+	assert timers() == []
+	queue.put(message("a"))
+	assert poll.wait().data == "a"
+	assert queue.waiting == 0
+
+
 def test_a_packet_taken_while_a_frame_is_still_being_finished_is_not_progress():
 	"""After a direct write the socket took only part of, the idle writer may take the next
 	packet at once and then wait for the send lock: that says nothing about the socket."""

@@ -281,21 +281,23 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 					pass
 
 		def get(self, block: bool = True, timeout: float | None = None) -> Any:
-			if self.websocket is not None:
-				# One packet per poll: the writer sends it before it comes back, so what it
-				# has not sent stays here, counted, and each get says the socket took the last.
-				if not block:
-					raise queue_empty
-				# Engine.IO's websocket writer gives up after a ping interval and a ping
-				# timeout with no packet through its queue; with direct writes that is every
-				# idle moment. A peer that went silent is closed by the ping check and the
-				# reader's socket timeout instead, both of which wake the writer with the end mark.
-				timeout = None
+			"""Engine.IO's writer and its long-polls wait here for packets. Engine.IO gives
+			each wait a ping interval and a ping timeout (``timeout``) and ends the client
+			when it runs out; here a wait has no timer of its own. The :class:`Heartbeat`
+			puts a ping in every client's queue each ping interval, and closes a client
+			whose pong is late, which puts the end mark here: every wait ends by then
+			anyway. With direct writes a websocket's writer waits at every idle moment, and
+			a long-poll waits for every event; the timer, scheduled and cancelled in the
+			hub each time, was a tenth of the CPU of a kept-alive poll."""
 			if not block:
-				return super().get(block, timeout)
+				if self.websocket is not None:
+					# One packet per poll: the writer sends it before it comes back, so what it
+					# has not sent stays here, counted, and each get says the socket took the last.
+					raise queue_empty
+				return super().get(False)
 			self.waiting += 1
 			try:
-				return super().get(block, timeout)
+				return super().get(True, None)
 			finally:
 				self.waiting -= 1
 
