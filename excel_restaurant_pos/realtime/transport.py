@@ -288,7 +288,7 @@ def engineio_overrides(async_drivers: dict, unsent: UnsentData, backend: Backend
 			whose pong is late, which puts the end mark here: every wait ends by then
 			anyway. With direct writes a websocket's writer waits at every idle moment, and
 			a long-poll waits for every event; the timer, scheduled and cancelled in the
-			hub each time, was a tenth of the CPU of a kept-alive poll."""
+			hub each time, cost about 2 µs a wait."""
 			if not block:
 				if self.websocket is not None:
 					# One packet per poll: the writer sends it before it comes back, so what it
