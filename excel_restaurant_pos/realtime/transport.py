@@ -659,8 +659,6 @@ def finish_frame(websocket: Any, rest: memoryview) -> None:
 		websocket._sendlock.release()
 
 
-
-
 def forget_socket(eio_server: Any, eio_socket: Any) -> None:
 	"""Drop a closed socket from Engine.IO's table, unless its sid has been taken again."""
 	if eio_server.sockets.get(eio_socket.sid) is eio_socket:
